@@ -1,0 +1,55 @@
+"""The one entry-point shape every script shares: `--config FILE` plus `section.key=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from pipeline.config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def parse_args(argv: list[str] | None, description: str, extra: Callable | None = None):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=os.environ.get("CONFIG"), help="experiment YAML")
+    if extra is not None:
+        extra(parser)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def run(
+    main: Callable[..., object],
+    description: str,
+    argv: list[str] | None = None,
+    extra: Callable | None = None,
+) -> None:
+    """Parse args, configure logging, load the config and call `main(cfg, args)`.
+
+    Known user errors (bad config, bad input files) end with one clear line and exit code 2,
+    not a traceback.
+    """
+    setup_logging()
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv, description, extra)
+    try:
+        cfg: Config = load_config(args.config, args.overrides)
+        main(cfg, args)
+    except (ConfigError, UserError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, a row, a setting): reported in one line, no traceback."""

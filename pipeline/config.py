@@ -1,0 +1,240 @@
+"""Typed run configuration: dataclass defaults, one YAML per experiment, `section.key=value` overrides.
+
+Unknown keys and wrong types are errors that name the key and the file they came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+@dataclass
+class ColumnsConfig:
+    """Column names of the input CSVs, in one place (2020 competition and ISIC 2019 style)."""
+
+    image: str = "image_name"
+    patient: str = "patient_id"
+    target: str = "target"
+    sex: str = "sex"
+    age: str = "age_approx"
+    site: str = "anatom_site_general_challenge"
+    diagnosis: str = "diagnosis"
+    ext_image: str = "image"
+    ext_target: str = "MEL"
+    ext_lesion: str = "lesion_id"
+    ext_sex: str = "sex"
+    ext_age: str = "age_approx"
+    ext_site: str = "anatom_site_general"
+    ext_diagnoses: List[str] = field(
+        default_factory=lambda: ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
+    )
+    dup_image: str = "image_name_1"
+    dup_other: str = "image_name_2"
+
+
+@dataclass
+class ExternalConfig:
+    """One external data set in ISIC 2019 layout."""
+
+    name: str = "isic2019"
+    ground_truth_csv: str = "data/external/ISIC_2019_Training_GroundTruth.csv"
+    metadata_csv: Optional[str] = "data/external/ISIC_2019_Training_Metadata.csv"
+    images: str = "data/external/jpeg"
+
+
+@dataclass
+class DataConfig:
+    train_csv: str = "data/train.csv"
+    test_csv: str = "data/test.csv"
+    sample_submission: str = "data/sample_submission.csv"
+    train_images: str = "data/jpeg/train"
+    test_images: str = "data/jpeg/test"
+    image_ext: str = ".jpg"
+    external: List[ExternalConfig] = field(default_factory=list)
+    duplicates_csv: Optional[str] = None
+    check_images: bool = True
+    skip_bad_images: bool = False
+    image_size: int = 256
+    crop_size: int = 224
+    batch_size: int = 32
+    num_workers: int = 2
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+
+
+@dataclass
+class FoldsConfig:
+    n_folds: int = 5
+    seed: int = 42
+    external: str = "train_only"  # train_only (fold -1) | spread
+    output: str = "folds/folds.csv"
+
+
+@dataclass
+class SyntheticConfig:
+    out_dir: str = "data/synthetic"
+    n_patients: int = 60
+    n_test_patients: int = 20
+    n_external_lesions: int = 80
+    positive_rate: float = 0.0176
+    image_size: int = 128
+    label_noise: float = 0.05
+    seed: int = 0
+    n_jobs: int = 2
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "efficientnet_b0"
+    pretrained: bool = False
+    weights_path: Optional[str] = None
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.1
+
+
+@dataclass
+class AugConfig:
+    hflip: float = 0.5
+    vflip: float = 0.5
+    transpose: float = 0.5
+    affine: float = 0.5
+    shift: float = 0.1
+    scale: float = 0.15
+    rotate: int = 45
+    color: float = 0.5
+    blur_noise: float = 0.3
+    dropout: float = 0.3
+    dropout_holes: int = 4
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 7
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    pct_start: float = 0.1
+    div_factor: float = 10.0
+    final_div_factor: float = 100.0
+    pos_weight: float = 3.0
+    label_smoothing: float = 0.05
+    precision: str = "auto"  # auto | 32 | 16-mixed | bf16-mixed
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    accelerator: str = "auto"
+    devices: Any = 1
+    seed: int = 42
+    early_stopping_patience: Optional[int] = None
+    limit_train_batches: Optional[float] = None
+    limit_val_batches: Optional[float] = None
+    bootstrap: int = 1000
+    aug: AugConfig = field(default_factory=AugConfig)
+
+
+@dataclass
+class InferConfig:
+    checkpoint: str = "best"  # best | last
+    views: List[str] = field(
+        default_factory=lambda: [
+            "identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"
+        ]
+    )
+    random_passes: int = 0
+    random_seed: int = 0
+    average: str = "mean"  # how views of one model combine: mean | logit | rank
+    batch_size: int = 64
+    oof_tta: bool = True
+    submissions_dir: str = "submissions"
+
+
+@dataclass
+class EnsembleConfig:
+    method: str = "mean"  # mean | rank | weighted
+    experiments: List[str] = field(default_factory=list)
+    folds: List[int] = field(default_factory=list)
+    views: List[str] = field(default_factory=list)
+    n_min: Optional[int] = None
+    n_max: Optional[int] = None
+    output: str = "submissions/ensemble.csv"
+
+
+@dataclass
+class SubmitConfig:
+    competition: str = "siim-isic-melanoma-classification"
+    message: str = ""
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.experiment
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: invalid config key {key!r}: {reason}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML at `path`, then `section.key=value` overrides; validated against the dataclasses."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors come in several types
+            raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+        cfg = _merge(cfg, loaded, str(path))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line override")
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    """Short stable hash of the resolved config, to tell runs apart in manifests."""
+    return hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:10]
+
+
+def save_config(cfg: Config, folder: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to a stage's outputs."""
+    path = Path(folder) / name
+    atomic_write_text(path, to_yaml(cfg))
+    return path

@@ -1,0 +1,85 @@
+"""Read input CSVs and reject bad ones with errors that name the file, the column and the rows."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from pipeline.cli import UserError
+
+log = logging.getLogger(__name__)
+
+SHOW = 10  # how many offending rows or names an error lists before summarising
+
+
+def _rows(index: Iterable[int]) -> str:
+    """CSV line numbers (header is line 1) for a set of 0-based row positions."""
+    lines = [str(i + 2) for i in index]
+    more = f" (+{len(lines) - SHOW} more)" if len(lines) > SHOW else ""
+    return ", ".join(lines[:SHOW]) + more
+
+
+def _names(values: Iterable[object]) -> str:
+    values = [str(v) for v in values]
+    more = f" (+{len(values) - SHOW} more)" if len(values) > SHOW else ""
+    return ", ".join(values[:SHOW]) + more
+
+
+def read_csv(path: str | Path, required: Iterable[str]) -> pd.DataFrame:
+    """Read a CSV, requiring the file to exist, to have rows and to hold the `required` columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype={c: "string" for c in required if "target" not in c})
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: the file is empty") from None
+    except pd.errors.ParserError as err:
+        raise UserError(f"{path}: cannot parse CSV: {err}") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(
+            f"{path}: missing required column(s) {missing}; found {list(df.columns)}"
+        )
+    if df.empty:
+        raise UserError(f"{path}: has a header but no rows")
+    return df
+
+
+def check_unique(df: pd.DataFrame, column: str, path: str | Path) -> None:
+    """Each value of `column` must appear once."""
+    dup = df[column].duplicated(keep=False)
+    if dup.any():
+        names = sorted(set(df.loc[dup, column]))
+        raise UserError(
+            f"{path}: {len(names)} duplicate value(s) in column {column!r}: {_names(names)} "
+            f"at CSV line(s) {_rows(df.index[dup])}"
+        )
+
+
+def check_binary(df: pd.DataFrame, column: str, path: str | Path) -> pd.Series:
+    """The column must hold 0/1 (as numbers or '0.0'/'1.0'); returns it as int64."""
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = ~values.isin([0, 1])
+    if bad.any():
+        shown = _names(df.loc[bad, column].astype(str).head(SHOW))
+        raise UserError(
+            f"{path}: column {column!r} must be 0 or 1; {int(bad.sum())} row(s) are not, "
+            f"at CSV line(s) {_rows(df.index[bad])}: {shown}"
+        )
+    return values.astype("int64")
+
+
+def check_files_exist(paths: pd.Series, names: pd.Series, source: str) -> None:
+    """Every listed image must be on disk; reports all missing ones, not only the first."""
+    exists = paths.map(lambda p: Path(p).is_file())
+    if not exists.all():
+        missing = names[~exists]
+        folder = Path(paths[~exists].iloc[0]).parent
+        raise UserError(
+            f"{source}: {len(missing)} of {len(paths)} listed image(s) missing on disk "
+            f"(looked in {folder}): {_names(missing)}"
+        )
