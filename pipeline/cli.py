@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from typing import Callable
 
 from pipeline.config import Config, ConfigError, load_config
@@ -13,10 +14,26 @@ from pipeline.config import Config, ConfigError, load_config
 log = logging.getLogger(__name__)
 
 
+NOISE = [  # third-party warnings that say nothing actionable to a user of this pipeline
+    r".*exists and is not empty.*",
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r".*smaller than the logging interval.*",
+    r".*does not have many workers which may be a bottleneck.*",
+]
+
+
+def quiet_third_party() -> None:
+    for pattern in NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    # Lightning's start-up tips and accelerator notes
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    quiet_third_party()
 
 
 def parse_args(argv: list[str] | None, description: str, extra: Callable | None = None):

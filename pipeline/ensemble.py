@@ -1,0 +1,339 @@
+"""Blend submission files: mean of probabilities, rank average, or OOF-fitted weighted rank average.
+
+Members are sorted by path before blending, so the result never depends on the order files
+were listed in. Every member must hold the same image ids, once each, with finite targets in
+[0, 1]; anything else is refused with an error naming the file.
+
+Weighted blending fits one weight per (experiment, view) group, not per file: a group's files
+are its fold models, whose out-of-fold rows are disjoint, so only the group as a whole has an
+OOF prediction over the whole training set (`runs/<experiment>/oof_tta.csv`, column
+`pred_<view>`, rows of the group's folds). Within a group test predictions are averaged
+(mean of probabilities) first; the groups are then blended on ranks with the fitted weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from pipeline.atomic import atomic_write_csv, atomic_write_text
+from pipeline.cli import UserError
+from pipeline.config import Config
+from pipeline.submissions import MANIFEST_NAME, read_manifest, select_members
+from pipeline.tables import check_binary, check_unique, read_csv
+from pipeline.tta import percentile_ranks
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mean", "rank", "weighted")
+OOF_NAME = "oof_tta.csv"
+SHOW = 5  # how many differing ids or bad rows an error lists
+
+
+def _some(values: Iterable[object]) -> str:
+    values = [str(v) for v in values]
+    more = f" (+{len(values) - SHOW} more)" if len(values) > SHOW else ""
+    return ", ".join(values[:SHOW]) + more
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UserError(f"unknown ensemble method {method!r}; valid: {list(METHODS)}")
+
+
+def _read_member(path: Path) -> pd.Series:
+    """One submission as a Series of targets indexed by image_name, validated."""
+    df = read_csv(path, ["image_name", "target"])
+    check_unique(df, "image_name", path)
+    values = pd.to_numeric(df["target"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        lines = [str(i + 2) for i in np.flatnonzero(bad)]
+        shown = df.loc[bad, "target"].astype(str).tolist()
+        raise UserError(
+            f"{path}: column 'target' must hold finite numbers in [0, 1]; {int(bad.sum())} row(s) "
+            f"do not, at CSV line(s) {_some(lines)}: {_some(shown)}"
+        )
+    return pd.Series(values, index=df["image_name"].astype(str).to_numpy())
+
+
+def _id_mismatch(path: Path, first: Path, ids: set, ref: set) -> str:
+    missing, extra = sorted(ref - ids), sorted(ids - ref)
+    return (
+        f"{path}: image ids differ from {first}: {len(missing)} missing ({_some(missing)}), "
+        f"{len(extra)} extra ({_some(extra)})"
+    )
+
+
+def read_members(paths: Sequence[str | Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Read submission CSVs aligned on image_name: `(ids (N,), preds (M, N))`, ids sorted."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise UserError("no submission files to ensemble")
+    members = [_read_member(p) for p in paths]
+    ref = set(members[0].index)
+    for path, member in zip(paths[1:], members[1:], strict=True):
+        ids = set(member.index)
+        if ids != ref:
+            raise UserError(_id_mismatch(path, paths[0], ids, ref))
+    ids = np.sort(members[0].index.to_numpy(dtype=str))
+    return ids, np.stack([m.reindex(ids).to_numpy() for m in members])
+
+
+def mean_average(preds: np.ndarray) -> np.ndarray:
+    """Mean over members of `(M, N)` probabilities."""
+    return np.asarray(preds, dtype=np.float64).mean(axis=0)
+
+
+def rank_average(preds: np.ndarray) -> np.ndarray:
+    """Mean over members of each member's percentile ranks (ties averaged, rank / N): in (0, 1]."""
+    return percentile_ranks(np.asarray(preds, dtype=np.float64)).mean(axis=0)
+
+
+def _check_weights(weights: Sequence[float], m: int) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (m,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise UserError(f"need {m} finite non-negative weights with a positive sum, got {list(w)}")
+    return w / w.sum()
+
+
+def weighted_average(preds: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Weighted mean of the members' percentile ranks; weights are normalised to sum to 1."""
+    w = _check_weights(weights, len(preds))
+    return w @ percentile_ranks(np.asarray(preds, dtype=np.float64))
+
+
+def _check_labels(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    if set(np.unique(y)) != {0, 1}:
+        raise UserError(
+            f"OOF targets must hold both 0 and 1 to fit weights, found {sorted(set(y))}"
+        )
+    return y
+
+
+def fit_weights(oof_preds: np.ndarray, y: np.ndarray, max_rounds: int = 100) -> np.ndarray:
+    """Member weights that maximise OOF AUC of the rank blend: non-negative, summing to 1.
+
+    Caruana-style greedy selection with replacement: start from the best single member, then
+    keep adding the member that raises the blend's AUC most, until none raises it. Ties go to
+    the lower index, so the fit is deterministic; the blend's AUC is never below the best member's.
+    """
+    y = _check_labels(y)
+    ranks = percentile_ranks(np.asarray(oof_preds, dtype=np.float64))
+    singles = [roc_auc_score(y, r) for r in ranks]
+    counts = np.zeros(len(ranks))
+    first = int(np.argmax(singles))
+    counts[first], total, best = 1, ranks[first].copy(), singles[first]
+    for _ in range(max_rounds):
+        # AUC ignores scale, so the running sum stands in for the mean
+        scores = [roc_auc_score(y, total + r) for r in ranks]
+        pick = int(np.argmax(scores))
+        if scores[pick] <= best + 1e-12:
+            break
+        counts[pick] += 1
+        total += ranks[pick]
+        best = scores[pick]
+    log.info("fitted weights %s: OOF AUC %.5f (best single %.5f)", counts, best, singles[first])
+    return counts / counts.sum()
+
+
+def blend(preds: np.ndarray, method: str, weights: Sequence[float] | None = None) -> np.ndarray:
+    """Blend `(M, N)` member predictions by `method` (mean | rank | weighted)."""
+    _check_method(method)
+    if method == "mean":
+        return mean_average(preds)
+    if method == "rank":
+        return rank_average(preds)
+    if weights is None:
+        raise UserError("the weighted ensemble needs weights")
+    return weighted_average(preds, weights)
+
+
+def ensemble(
+    paths: Sequence[str | Path], method: str = "mean", weights: Sequence[float] | None = None
+) -> pd.DataFrame:
+    """Blend submission files into one `(image_name, target)` frame, ids sorted.
+
+    Files (and their weights) are sorted by path first, so listing order does not matter.
+    """
+    _check_method(method)
+    order = sorted(range(len(paths)), key=lambda i: str(paths[i]))
+    if weights is not None:
+        weights = _check_weights(weights, len(paths))[order]
+    ids, preds = read_members([paths[i] for i in order])
+    return pd.DataFrame({"image_name": ids, "target": blend(preds, method, weights)})
+
+
+# --- run_ensemble: members from the manifest, OOF from the run folders -------------------
+
+
+@dataclass
+class Group:
+    """The members of one (experiment, view): fold models whose OOF rows are disjoint."""
+
+    experiment: str
+    view: str
+    folds: list[int]
+    paths: list[Path]
+
+
+def _groups(members: pd.DataFrame) -> list[Group]:
+    groups = []
+    for (experiment, view), rows in members.groupby(["experiment", "view"], sort=True):
+        folds = sorted({int(f) for f in rows["fold"].dropna()})
+        groups.append(Group(str(experiment), str(view), folds, [Path(p) for p in rows["path"]]))
+    return groups
+
+
+def group_oof(group: Group, runs_dir: str | Path) -> pd.DataFrame:
+    """OOF rows of a group's folds from `runs/<experiment>/oof_tta.csv`: index image_name, columns target, pred."""
+    path = Path(runs_dir) / group.experiment / OOF_NAME
+    column = f"pred_{group.view}"
+    df = read_csv(path, ["image_name", "target", "fold", column])
+    folds = pd.to_numeric(df["fold"], errors="coerce")
+    df = df[folds.isin(group.folds)]
+    if df.empty:
+        raise UserError(f"{path}: no rows for fold(s) {group.folds} of view {group.view!r}")
+    pred = pd.to_numeric(df[column], errors="coerce")
+    if not np.isfinite(pred.to_numpy(dtype=np.float64)).all():
+        raise UserError(f"{path}: column {column!r} has missing or non-numeric values")
+    target = check_binary(df, "target", path)
+    return pd.DataFrame(
+        {"target": target.to_numpy(), "pred": pred.to_numpy()}, index=df["image_name"]
+    )
+
+
+def oof_matrix(groups: list[Group], runs_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """`(y (N,), preds (G, N))` over the OOF images every group covers."""
+    frames = [group_oof(g, runs_dir) for g in groups]
+    common = sorted(set.intersection(*(set(f.index) for f in frames)))
+    if not common:
+        raise UserError("the groups' OOF predictions share no images; check their folds")
+    y = frames[0]["target"].reindex(common).to_numpy()
+    return y, np.stack([f["pred"].reindex(common).to_numpy() for f in frames])
+
+
+def _oof_auc(groups: list[Group], cfg: Config, weights: np.ndarray) -> float | None:
+    """OOF AUC of the blend if every group has OOF predictions, else None (logged)."""
+    try:
+        y, preds = oof_matrix(groups, cfg.runs_dir)
+        _check_labels(y)
+    except UserError as err:
+        log.warning("no OOF AUC for the ensemble: %s", err)
+        return None
+    if cfg.ensemble.method == "mean":
+        return float(roc_auc_score(y, np.average(preds, axis=0, weights=weights)))
+    return float(roc_auc_score(y, weighted_average(preds, weights)))
+
+
+def _fallback_auc(members: pd.DataFrame) -> float | None:
+    aucs = members["cv_auc"].dropna()
+    return float(aucs.mean()) if len(aucs) else None
+
+
+def _describe_filters(cfg: Config) -> str:
+    e = cfg.ensemble
+    return (
+        f"experiments={list(e.experiments)}, folds={list(e.folds)}, views={list(e.views)}, "
+        f"n_min={e.n_min}, n_max={e.n_max}"
+    )
+
+
+def _select(cfg: Config) -> pd.DataFrame:
+    folder = Path(cfg.infer.submissions_dir)
+    manifest = read_manifest(folder)
+    e = cfg.ensemble
+    if manifest.empty:
+        raise UserError(f"no submissions recorded in {folder / MANIFEST_NAME}; run inference first")
+    members = select_members(manifest, e.experiments, e.folds, e.views, e.n_min, e.n_max)
+    if members.empty:
+        raise UserError(
+            f"no submissions in {folder / MANIFEST_NAME} ({len(manifest)} recorded) match the "
+            f"ensemble filters {_describe_filters(cfg)}"
+        )
+    members["path"] = [str(folder / f) for f in members["file"]]
+    return members.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _blend_groups(groups: list[Group], cfg: Config) -> tuple[pd.DataFrame, np.ndarray, float]:
+    """Weighted blend: fit group weights on OOF, blend group-mean test predictions."""
+    y, oof = oof_matrix(groups, cfg.runs_dir)
+    weights = fit_weights(oof, y)
+    paths = [p for g in groups for p in g.paths]
+    ids, preds = read_members(paths)
+    sizes = np.cumsum([0] + [len(g.paths) for g in groups])
+    group_preds = np.stack(
+        [preds[a:b].mean(axis=0) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    )
+    df = pd.DataFrame({"image_name": ids, "target": weighted_average(group_preds, weights)})
+    auc = float(roc_auc_score(y, weighted_average(oof, weights)))
+    return df, weights, auc
+
+
+def _summary(
+    method: str, groups: list[Group], group_weights: np.ndarray, auc: float | None, source: str
+) -> dict:
+    """What ensemble.json records; a group's weight is split evenly among its files."""
+    file_weights = {
+        str(p): float(w) / len(g.paths)
+        for g, w in zip(groups, group_weights, strict=True)
+        for p in g.paths
+    }
+    files = sorted(file_weights)
+    return {
+        "method": method,
+        "files": files,
+        "weights": [file_weights[f] for f in files],
+        "cv_auc": auc,
+        "cv_auc_source": source if auc is not None else None,
+        "groups": [
+            {
+                "experiment": g.experiment,
+                "view": g.view,
+                "folds": g.folds,
+                "files": [str(p) for p in g.paths],
+                "weight": float(w),
+            }
+            for g, w in zip(groups, group_weights, strict=True)
+        ],
+    }
+
+
+def run_ensemble(cfg: Config) -> Path:
+    """Blend the manifest's submissions picked by `cfg.ensemble`; write the CSV and a JSON beside it.
+
+    The JSON (`<output stem>.json`) records method, files, per-file weights (a group's weight is
+    split evenly among its files), groups and cv_auc: the blend's OOF AUC where every group has
+    OOF predictions, else the mean of the members' manifest cv_auc, else null.
+    """
+    e = cfg.ensemble
+    _check_method(e.method)
+    members = _select(cfg)
+    groups = _groups(members)
+    if e.method == "weighted":
+        df, group_weights, auc = _blend_groups(groups, cfg)
+        source = "oof"
+    else:
+        df = ensemble(list(members["path"]), e.method)
+        # a group's files all count in the file-level blend, so its OOF weighs by its size
+        group_weights = np.array([len(g.paths) for g in groups], dtype=np.float64)
+        group_weights /= group_weights.sum()
+        auc, source = _oof_auc(groups, cfg, group_weights), "oof"
+        if auc is None:
+            auc, source = _fallback_auc(members), "manifest_mean"
+    output = Path(e.output)
+    atomic_write_csv(df, output)
+    summary = _summary(e.method, groups, group_weights, auc, source)
+    atomic_write_text(output.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    for f, w in zip(summary["files"], summary["weights"], strict=True):
+        log.info("member %s weight %.4f", f, w)
+    log.info("wrote %s (%s of %d files, cv_auc %s)", output, e.method, len(summary["files"]), auc)
+    return output

@@ -1,0 +1,158 @@
+"""The LightningModule: any timm backbone, one logit, smoothed pos-weighted BCE, AdamW + OneCycle per step."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+
+import numpy as np
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.cli import UserError
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.metrics import safe_auc
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """A timm model with a single-logit head; local weights via `weights_path`, no hub at run time."""
+    kwargs = {"num_classes": 1, "drop_rate": cfg.drop_rate, "drop_path_rate": cfg.drop_path_rate}
+    pretrained = cfg.pretrained or cfg.weights_path is not None
+    if cfg.weights_path:
+        kwargs["pretrained_cfg_overlay"] = {"file": cfg.weights_path}
+    try:
+        return timm.create_model(cfg.backbone, pretrained=pretrained, **kwargs)
+    except TypeError:
+        # some tiny/test models take no drop_path_rate
+        kwargs.pop("drop_path_rate")
+        return timm.create_model(cfg.backbone, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if not timm.is_model(cfg.backbone):
+            raise UserError(f"model.backbone={cfg.backbone!r} is not a timm model") from None
+        raise UserError(
+            f"cannot load pretrained weights for {cfg.backbone!r} ({err}); offline, set "
+            "model.weights_path to a local file or model.pretrained=false"
+        ) from None
+
+
+def smooth(targets: torch.Tensor, amount: float) -> torch.Tensor:
+    """Label smoothing for a binary target: 0 → amount/2, 1 → 1 - amount/2."""
+    return targets * (1 - amount) + 0.5 * amount
+
+
+class MelanomaModel(pl.LightningModule):
+    def __init__(self, model: dict, train: dict, fold: int = -1):
+        super().__init__()
+        # plain dicts: checkpoints then load without this project's classes being pickled
+        self.save_hyperparameters()
+        self.model_cfg = ModelConfig(**model)
+        self.train_cfg = TrainConfig(**{k: v for k, v in train.items() if k != "aug"})
+        self.net = create_backbone(self.model_cfg)
+        data_cfg = timm.data.resolve_data_config({}, model=self.net)
+        self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pos_weight", torch.tensor([self.train_cfg.pos_weight]), persistent=False)
+        self._val: list[tuple[torch.Tensor, ...]] = []
+        self.skipped = 0
+
+    @classmethod
+    def from_configs(cls, model: ModelConfig, train: TrainConfig, fold: int = -1) -> MelanomaModel:
+        return cls(asdict(model), asdict(train), fold)
+
+    def setup(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            self.net.to(memory_format=torch.channels_last)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, C) → normalised float (B, C, H, W), channels-last in memory."""
+        x = images.permute(0, 3, 1, 2).float()
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images → one logit per image."""
+        return self.net(x).squeeze(1)
+
+    def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one step train, validation and test share: (loss, logits, targets)."""
+        self.skipped += int(batch.get("n_skipped", 0))
+        logits = self(self.normalize(batch["image"]))
+        targets = batch["target"].float()
+        loss = F.binary_cross_entropy_with_logits(
+            logits.float(), smooth(targets, self.train_cfg.label_smoothing), pos_weight=self.pos_weight
+        )
+        return loss, logits.detach().float(), targets
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if batch["image"].numel() == 0:
+            return None
+        loss, _, _ = self.model_step(batch)
+        if not torch.isfinite(loss):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            raise TrainingDiverged(
+                f"fold {self.hparams.fold}: loss is {loss.item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch}, lr {lr:.3g}); last.ckpt keeps the last good epoch"
+            )
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["target"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch["image"].numel() == 0:
+            return
+        loss, logits, targets = self.model_step(batch)
+        self.log("val_loss", loss, on_epoch=True, batch_size=len(targets), sync_dist=True)
+        self._val.append((logits, targets, batch["is_2020"]))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        logits, targets, is_2020 = (self.all_gather(torch.cat(t)).flatten().cpu().numpy() for t in zip(*self._val))
+        self._val.clear()
+        probs = 1 / (1 + np.exp(-logits))
+        is_2020 = is_2020.astype(bool)
+        sanity = self.trainer.sanity_checking
+        what = "sanity-check AUC" if sanity else f"fold {self.hparams.fold} val AUC"
+        self.log("val_auc", safe_auc(targets, probs, what), prog_bar=True)
+        self.log("val_auc_2020", safe_auc(targets[is_2020], probs[is_2020], what + " (2020)")
+                 if is_2020.any() else math.nan)
+        self.log("val_acc", float(((probs > 0.5) == (targets > 0.5)).mean()))
+        if self.skipped:
+            log.warning("%d unreadable image(s) skipped so far", self.skipped)
+
+    def configure_optimizers(self):
+        t = self.train_cfg
+        optimizer = torch.optim.AdamW(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=t.lr, total_steps=int(self.trainer.estimated_stepping_batches),
+            pct_start=t.pct_start, div_factor=t.div_factor, final_div_factor=t.final_div_factor,
+        )
+        # stepped per optimizer step: the blog's per-epoch stepping keeps the LR near its start
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_model(path: str, model: ModelConfig, device: torch.device | str = "cpu") -> MelanomaModel:
+    """Load a fold checkpoint, refusing one trained for another architecture than configured."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters", {})
+    trained = hp.get("model", {}).get("backbone")
+    if trained != model.backbone:
+        raise UserError(
+            f"{path}: checkpoint was trained with backbone {trained!r} but the config says "
+            f"model.backbone={model.backbone!r}"
+        )
+    cfg = dict(hp["model"], pretrained=False, weights_path=None)  # weights come from the checkpoint
+    net = MelanomaModel(cfg, hp["train"], hp.get("fold", -1))
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: weights do not fit {model.backbone!r}: {str(err)[:300]}") from None
+    return net.to(device).eval()

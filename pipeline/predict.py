@@ -1,0 +1,50 @@
+"""Run a fold model over a loader: one decode per image, the TTA views applied on the device."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline.model import MelanomaModel
+from pipeline.tta import View, predict_views
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision for inference on CUDA (bf16 where supported); full precision on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: MelanomaModel, loader: DataLoader, views: Sequence[View | str],
+    device: torch.device | None = None, desc: str = "predict",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dataset row indices (N,) and logits (V, N), one row per view.
+
+    Outputs stay on the device until the end, so the loop never waits on a copy back.
+    Rows whose image was skipped as unreadable are absent from the indices.
+    """
+    device = device or default_device()
+    model = model.to(device).eval()
+    dtype = amp_dtype(device)
+    indices, logits = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, mininterval=2):
+        if batch["image"].numel() == 0:
+            continue
+        x = model.normalize(batch["image"].to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits.append(predict_views(model, x, views))
+        indices.append(batch["index"])
+    if not logits:
+        return np.zeros(0, np.int64), np.zeros((len(views), 0), np.float32)
+    return torch.cat(indices).numpy(), torch.cat(logits, dim=1).float().cpu().numpy()

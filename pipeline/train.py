@@ -1,0 +1,158 @@
+"""One model per fold: restartable fits, best checkpoint by validation AUC, out-of-fold predictions, CV."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from pipeline.atomic import atomic_write_csv, atomic_write_text
+from pipeline.cli import UserError
+from pipeline.config import Config, save_config
+from pipeline.data import FoldDataModule, dataset_from_frame, eval_transform, make_loader, split_fold
+from pipeline.metrics import cv_summary
+from pipeline.model import MelanomaModel, load_model
+from pipeline.predict import predict_logits
+
+log = logging.getLogger(__name__)
+
+OOF_COLUMNS = ["image_name", "patient_id", "source", "target", "pred", "fold"]
+
+
+def fold_dir(cfg: Config, fold: int) -> Path:
+    return cfg.run_dir / f"fold{fold}"
+
+
+def read_folds(cfg: Config) -> pd.DataFrame:
+    path = Path(cfg.folds.output)
+    if not path.is_file():
+        raise UserError(f"{path}: folds file not found; run `make folds` first")
+    return pd.read_csv(path, dtype={"image_name": "string", "patient_id": "string"})
+
+
+def resolve_precision(setting: str) -> str:
+    """`auto`: 16-bit mixed precision on CUDA, full 32-bit on the CPU (bf16 is slow on most CPUs)."""
+    if setting != "auto":
+        return setting
+    return "16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
+    t = cfg.train
+    checkpoint = ModelCheckpoint(
+        dirpath=out, filename="best", monitor="val_auc", mode="max", save_top_k=1,
+        save_last=True, enable_version_counter=False, auto_insert_metric_name=False,
+    )
+    extra = [checkpoint, LearningRateMonitor(logging_interval="step"), *callbacks]
+    if t.early_stopping_patience:
+        extra.append(EarlyStopping("val_auc", mode="max", patience=t.early_stopping_patience,
+                                   check_finite=False))
+    limits = {k: getattr(t, k) for k in ("limit_train_batches", "limit_val_batches") if getattr(t, k)}
+    return pl.Trainer(
+        default_root_dir=out, max_epochs=t.epochs, precision=resolve_precision(t.precision),
+        accelerator=t.accelerator, devices=t.devices,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+        callbacks=extra, logger=[CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tb")],
+        log_every_n_steps=10, deterministic=False, **limits,
+    )
+
+
+def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -> pd.DataFrame:
+    """Predictions of `checkpoint` on its fold's validation images, one row per image."""
+    model = load_model(str(checkpoint), cfg.model)
+    ds = dataset_from_frame(valid, eval_transform(cfg.data), cfg.data.skip_bad_images)
+    loader = make_loader(ds, cfg.infer.batch_size, cfg.data.num_workers, train=False)
+    index, logits = predict_logits(model, loader, ["identity"], desc=f"oof fold {fold}")
+    pred = np.full(len(valid), np.nan)
+    pred[index] = 1 / (1 + np.exp(-logits[0]))
+    return valid.assign(pred=pred)[OOF_COLUMNS]
+
+
+def _best_checkpoint(out: Path) -> Path:
+    best = out / "best.ckpt"
+    if best.is_file():
+        return best
+    log.warning("%s: no best checkpoint (validation AUC never finite); using last.ckpt", out)
+    return out / "last.ckpt"
+
+
+def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
+               callbacks: Sequence[Callback] = ()) -> pd.DataFrame:
+    """Fit fold `fold` (resuming from last.ckpt if a run was killed) and write its oof.csv.
+
+    A fold whose oof.csv exists is finished and skipped.
+    """
+    out = fold_dir(cfg, fold)
+    if (out / "oof.csv").is_file():
+        log.info("fold %d: finished earlier (%s), skipped", fold, out / "oof.csv")
+        return pd.read_csv(out / "oof.csv")
+    folds = read_folds(cfg) if folds is None else folds
+    split = split_fold(folds, fold)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    pl.seed_everything(cfg.train.seed + fold, workers=True, verbose=False)
+    model = MelanomaModel.from_configs(cfg.model, cfg.train, fold)
+    resume = out / "last.ckpt"
+    if resume.is_file():
+        log.info("fold %d: resuming from %s", fold, resume)
+    trainer = build_trainer(cfg, out, callbacks)
+    trainer.fit(model, FoldDataModule(cfg, split), ckpt_path=resume if resume.is_file() else None)
+    if model.skipped:
+        log.warning("fold %d: %d unreadable image(s) were skipped", fold, model.skipped)
+    oof = predict_oof(cfg, split.valid, _best_checkpoint(out), fold)
+    atomic_write_csv(oof, out / "oof.csv")
+    return oof
+
+
+def summarize(cfg: Config, oofs: list[pd.DataFrame]) -> dict:
+    """Write the run's oof.csv and cv.json; log the per-fold and overall table."""
+    oof = pd.concat(oofs, ignore_index=True)
+    missing = oof["pred"].isna()
+    if missing.any():
+        log.warning("%d OOF row(s) without a prediction (skipped images) left out of the CV", int(missing.sum()))
+    scored = oof[~missing]
+    summary = cv_summary(scored, cfg.train.bootstrap, cfg.train.seed)
+    atomic_write_csv(oof, cfg.run_dir / "oof.csv")
+    atomic_write_text(cfg.run_dir / "cv.json", json.dumps(summary, indent=2) + "\n")
+    log.info("CV of %s\n%s", cfg.experiment, format_cv_table(scored, summary))
+    return summary
+
+
+def format_cv_table(oof: pd.DataFrame, summary: dict) -> str:
+    rows = [f"{'fold':>6} {'images':>7} {'pos':>5} {'AUC':>7}"]
+    for fold, group in oof.groupby("fold"):
+        rows.append(f"{fold:>6} {len(group):>7} {int(group['target'].sum()):>5} "
+                    f"{summary['folds'][int(fold)]:>7.4f}")
+    lo, hi = summary["oof_auc_ci95"]
+    rows.append(f"{'OOF':>6} {len(oof):>7} {summary['n_positives']:>5} {summary['oof_auc']:>7.4f}"
+                f"   95% CI (patient bootstrap) [{lo:.4f}, {hi:.4f}]")
+    if not math.isnan(summary["oof_auc_2020"]):
+        rows.append(f"{'2020':>6} {'':>7} {'':>5} {summary['oof_auc_2020']:>7.4f}   (2020 images only)")
+    return "\n".join(rows)
+
+
+def train_all(cfg: Config, folds_to_train: Sequence[int] | None = None) -> dict:
+    """Train the chosen folds (default all), then summarise every finished fold of the run."""
+    folds = read_folds(cfg)
+    all_folds = sorted(int(f) for f in set(folds["fold"]) if f >= 0)
+    chosen = list(folds_to_train) if folds_to_train else all_folds
+    unknown = sorted(set(chosen) - set(all_folds))
+    if unknown:
+        raise UserError(f"fold(s) {unknown} not in {cfg.folds.output} (folds: {all_folds})")
+    save_config(cfg, cfg.run_dir)
+    for fold in chosen:
+        train_fold(cfg, fold, folds)
+    done = [f for f in all_folds if (fold_dir(cfg, f) / "oof.csv").is_file()]
+    pending = sorted(set(all_folds) - set(done))
+    if pending:
+        log.info("folds still to train: %s", pending)
+    return summarize(cfg, [pd.read_csv(fold_dir(cfg, f) / "oof.csv") for f in done])
