@@ -28,7 +28,7 @@ from pipeline.cli import UserError
 from pipeline.config import Config
 from pipeline.submissions import MANIFEST_NAME, read_manifest, select_members
 from pipeline.tables import check_binary, check_unique, read_csv
-from pipeline.tta import percentile_ranks
+from pipeline.tta import combine_views, percentile_ranks
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,21 @@ def ensemble(
         weights = _check_weights(weights, len(paths))[order]
     ids, preds = read_members([paths[i] for i in order])
     return pd.DataFrame({"image_name": ids, "target": blend(preds, method, weights)})
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def blend_by_model(members: pd.DataFrame, method: str, view_average: str) -> pd.DataFrame:
+    """Views of one fold model are combined first (`view_average`: mean | logit | rank), then the
+    models by `method` (mean | rank), so a model with 8 views weighs as much as one with 1."""
+    ids, preds = read_members(list(members["path"]))
+    keys = members[["experiment", "fold", "checkpoint"]].astype("string").fillna("").agg("/".join, axis=1)
+    per_model = [combine_views(_logit(preds[idx]), view_average)
+                 for _, idx in sorted(keys.groupby(keys).indices.items())]
+    return pd.DataFrame({"image_name": ids, "target": blend(np.stack(per_model), method)})
 
 
 # --- run_ensemble: members from the manifest, OOF from the run folders -------------------
@@ -322,7 +337,7 @@ def run_ensemble(cfg: Config) -> Path:
         df, group_weights, auc = _blend_groups(groups, cfg)
         source = "oof"
     else:
-        df = ensemble(list(members["path"]), e.method)
+        df = blend_by_model(members, e.method, cfg.infer.average)
         # a group's files all count in the file-level blend, so its OOF weighs by its size
         group_weights = np.array([len(g.paths) for g in groups], dtype=np.float64)
         group_weights /= group_weights.sum()
@@ -333,7 +348,8 @@ def run_ensemble(cfg: Config) -> Path:
     atomic_write_csv(df, output)
     summary = _summary(e.method, groups, group_weights, auc, source)
     atomic_write_text(output.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
-    for f, w in zip(summary["files"], summary["weights"], strict=True):
-        log.info("member %s weight %.4f", f, w)
+    for g in summary["groups"]:
+        log.info("group %s/%s: folds %s, %d file(s), weight %.4f",
+                 g["experiment"], g["view"], g["folds"], len(g["files"]), g["weight"])
     log.info("wrote %s (%s of %d files, cv_auc %s)", output, e.method, len(summary["files"]), auc)
     return output

@@ -26,25 +26,26 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 @torch.inference_mode()
 def predict_logits(
-    model: MelanomaModel, loader: DataLoader, views: Sequence[View | str],
+    models: Sequence[MelanomaModel], loader: DataLoader, views: Sequence[View | str],
     device: torch.device | None = None, desc: str = "predict",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Dataset row indices (N,) and logits (V, N), one row per view.
+    """Dataset row indices (N,) and logits (M, V, N): every model on every view of each batch.
 
-    Outputs stay on the device until the end, so the loop never waits on a copy back.
-    Rows whose image was skipped as unreadable are absent from the indices.
+    Each image is decoded once however many models and views see it. Outputs stay on the
+    device until the end, so the loop never waits on a copy back. Rows whose image was skipped
+    as unreadable are absent from the indices.
     """
     device = device or default_device()
-    model = model.to(device).eval()
+    models = [m.to(device).eval() for m in models]
     dtype = amp_dtype(device)
     indices, logits = [], []
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=2):
         if batch["image"].numel() == 0:
             continue
-        x = model.normalize(batch["image"].to(device, non_blocking=True))
+        images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits.append(predict_views(model, x, views))
+            logits.append(torch.stack([predict_views(m, m.normalize(images), views) for m in models]))
         indices.append(batch["index"])
     if not logits:
-        return np.zeros(0, np.int64), np.zeros((len(views), 0), np.float32)
-    return torch.cat(indices).numpy(), torch.cat(logits, dim=1).float().cpu().numpy()
+        return np.zeros(0, np.int64), np.zeros((len(models), len(views), 0), np.float32)
+    return torch.cat(indices).numpy(), torch.cat(logits, dim=2).float().cpu().numpy()

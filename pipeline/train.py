@@ -62,7 +62,7 @@ def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) ->
         accelerator=t.accelerator, devices=t.devices,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         callbacks=extra, logger=[CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tb")],
-        log_every_n_steps=10, deterministic=False, **limits,
+        log_every_n_steps=10, enable_model_summary=False, **limits,
     )
 
 
@@ -71,9 +71,9 @@ def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -
     model = load_model(str(checkpoint), cfg.model)
     ds = dataset_from_frame(valid, eval_transform(cfg.data), cfg.data.skip_bad_images)
     loader = make_loader(ds, cfg.infer.batch_size, cfg.data.num_workers, train=False)
-    index, logits = predict_logits(model, loader, ["identity"], desc=f"oof fold {fold}")
+    index, logits = predict_logits([model], loader, ["identity"], desc=f"oof fold {fold}")
     pred = np.full(len(valid), np.nan)
-    pred[index] = 1 / (1 + np.exp(-logits[0]))
+    pred[index] = 1 / (1 + np.exp(-logits[0, 0]))
     return valid.assign(pred=pred)[OOF_COLUMNS]
 
 

@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 from pipeline.cli import UserError
 from pipeline.config import Config
 from pipeline.ensemble import (
+    blend_by_model,
     ensemble,
     fit_weights,
     mean_average,
@@ -311,8 +312,27 @@ def test_run_ensemble_writes_blend_and_summary(tmp_path, method):
     assert min(summary["weights"]) >= 0
     assert summary["cv_auc_source"] == "oof" and 0.5 < summary["cv_auc"] <= 1
     if method == "mean":
-        expected = ensemble(summary["files"], "mean")
-        np.testing.assert_allclose(df["target"], expected["target"])
+        # views of one model first (exp_a folds 0 and 1 have two views each), then the models
+        ids, preds = read_members([Path(f) for f in sorted(summary["files"])])
+        by_n = {int(Path(f).stem.removeprefix("submission")): p
+                for f, p in zip(sorted(summary["files"]), preds, strict=True)}
+        models = [(by_n[1] + by_n[3]) / 2, (by_n[2] + by_n[4]) / 2, by_n[5], by_n[6]]
+        np.testing.assert_allclose(df["target"], np.mean(models, axis=0))
+
+
+def test_blend_by_model_logit_average_of_views(tmp_path):
+    members = pd.DataFrame({"experiment": ["e", "e", "e"], "fold": [0, 0, 1],
+                            "checkpoint": ["best"] * 3,
+                            "path": [str(tmp_path / f"s{i}.csv") for i in range(3)]})
+    ids = np.array(["a", "b"])
+    values = [[0.2, 0.9], [0.6, 0.5], [0.3, 0.3]]
+    for path, v in zip(members["path"], values, strict=True):
+        _write(Path(path), ids, np.array(v))
+    out = blend_by_model(members, "mean", "logit")
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    expit = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    fold0 = expit((logit(np.array(values[0])) + logit(np.array(values[1]))) / 2)
+    np.testing.assert_allclose(out["target"], (fold0 + np.array(values[2])) / 2)
 
 
 def test_weighted_run_beats_its_best_group_on_oof(tmp_path):

@@ -1,0 +1,184 @@
+"""`make infer`: every fold model × every TTA pass on the test set, one numbered submission each.
+
+The models, views and image settings come from the run's saved config (what the models were
+trained with), not from the live file. The same views are also applied to each fold's
+validation images, so the user sees on out-of-fold data what TTA buys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.atomic import atomic_write_csv, atomic_write_text
+from pipeline.cli import UserError
+from pipeline.config import Config, config_hash, load_config
+from pipeline.data import dataset_from_frame, eval_transform, make_loader, train_transform
+from pipeline.ensemble import run_ensemble
+from pipeline.merge import load_test
+from pipeline.metrics import safe_auc
+from pipeline.model import MelanomaModel, load_model
+from pipeline.predict import predict_logits
+from pipeline.provenance import git_commit
+from pipeline.submissions import append_manifest, write_numbered
+from pipeline.train import fold_dir, read_folds
+from pipeline.tta import combine_views, get_views
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldModel:
+    fold: int
+    checkpoint: Path
+    model: MelanomaModel
+    cv_auc: float
+
+
+def trained_config(cfg: Config) -> Config:
+    """The config the run was trained with (runs/<experiment>/config.yaml)."""
+    path = cfg.run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"experiment {cfg.experiment!r}: {path} not found; run `make train-all` first")
+    return load_config(path)
+
+
+def load_fold_models(cfg: Config, trained: Config) -> list[FoldModel]:
+    """Every fold's checkpoint (`infer.checkpoint`: best | last); all missing ones named at once."""
+    if cfg.infer.checkpoint not in ("best", "last"):
+        raise UserError(f"infer.checkpoint must be 'best' or 'last', got {cfg.infer.checkpoint!r}")
+    folds = sorted(int(f) for f in set(read_folds(trained)["fold"]) if f >= 0)
+    paths = {f: fold_dir(trained, f) / f"{cfg.infer.checkpoint}.ckpt" for f in folds}
+    missing = [f for f, p in paths.items() if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"experiment {cfg.experiment!r}: no {cfg.infer.checkpoint}.ckpt for fold(s) {missing} "
+            f"under {trained.run_dir}; train them with `make train-all`"
+        )
+    aucs = _fold_aucs(trained)
+    return [FoldModel(f, p, load_model(str(p), trained.model), aucs.get(f, math.nan))
+            for f, p in paths.items()]
+
+
+def _fold_aucs(trained: Config) -> dict[int, float]:
+    path = trained.run_dir / "cv.json"
+    if not path.is_file():
+        return {}
+    return {int(k): v for k, v in json.loads(path.read_text())["folds"].items()}
+
+
+def tta_passes(cfg: Config) -> list[tuple[str, int | None]]:
+    """(view, seed) of each pass: the dihedral views, then seeded random-augmentation passes."""
+    views = [(v.name, None) for v in get_views(cfg.infer.views)] if cfg.infer.views else []
+    seeds = [(f"random{cfg.infer.random_seed + i}", cfg.infer.random_seed + i)
+             for i in range(cfg.infer.random_passes)]
+    if not views and not seeds:
+        raise UserError("no TTA pass configured: set infer.views or infer.random_passes")
+    return views + seeds
+
+
+def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd.DataFrame,
+                desc: str) -> np.ndarray:
+    """Logits (M, P, N) of every model on every pass over `frame`'s images; NaN where skipped."""
+    passes = tta_passes(cfg)
+    views = [v for v, seed in passes if seed is None]
+    out = np.full((len(models), len(passes), len(frame)), np.nan, np.float32)
+    batch, workers, skip = cfg.infer.batch_size, trained.data.num_workers, trained.data.skip_bad_images
+    nets = [m.model for m in models]
+    if views:
+        ds = dataset_from_frame(frame, eval_transform(trained.data), skip)
+        index, logits = predict_logits(nets, make_loader(ds, batch, workers, False), views, desc=desc)
+        out[:, : len(views), index] = logits
+    for p, (_, seed) in enumerate(passes[len(views):], start=len(views)):
+        transform = train_transform(trained.data, trained.train.aug)
+        transform.set_random_seed(seed)
+        ds = dataset_from_frame(frame, transform, skip)
+        # one process: the seeded augmentation stream is then reproducible
+        index, logits = predict_logits(nets, make_loader(ds, batch, 0, False), ["identity"],
+                                       desc=f"{desc} seed {seed}")
+        out[:, p, index] = logits[:, 0]
+    return out
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def write_submissions(cfg: Config, trained: Config, models: list[FoldModel], test: pd.DataFrame,
+                      logits: np.ndarray) -> list[int]:
+    """One numbered file per (model, pass) plus its manifest row; returns the numbers taken."""
+    folder = Path(cfg.infer.submissions_dir)
+    common = {"experiment": cfg.experiment, "checkpoint": cfg.infer.checkpoint,
+              "config_hash": config_hash(trained), "git_commit": git_commit()}
+    numbers = []
+    for m, fm in enumerate(models):
+        for p, (view, seed) in enumerate(tta_passes(cfg)):
+            pred = sigmoid(logits[m, p])
+            if np.isnan(pred).any():
+                raise UserError(f"fold {fm.fold}: {int(np.isnan(pred).sum())} test image(s) could not "
+                                "be read; a submission needs every image")
+            df = pd.DataFrame({"image_name": test["image_name"].to_numpy(), "target": pred})
+            n, path = write_numbered(df, folder)
+            append_manifest(folder, {**common, "n": n, "file": path.name, "fold": fm.fold,
+                                     "view": view, "seed": "" if seed is None else seed,
+                                     "cv_auc": fm.cv_auc})
+            numbers.append(n)
+    log.info("wrote %s/submission{%d..%d}.csv (%d models x %d passes)", folder, min(numbers),
+             max(numbers), len(models), len(tta_passes(cfg)))
+    return numbers
+
+
+def oof_tta(cfg: Config, trained: Config, models: list[FoldModel]) -> pd.DataFrame:
+    """Each fold's validation images through its own model on every pass: runs/<exp>/oof_tta.csv."""
+    folds = read_folds(trained)
+    parts = []
+    names = [f"pred_{view}" for view, _ in tta_passes(cfg)]
+    for fm in models:
+        valid = folds[folds["fold"] == fm.fold].reset_index(drop=True)
+        logits = predict_all(cfg, trained, [fm], valid, f"oof tta fold {fm.fold}")[0]
+        part = valid[["image_name", "patient_id", "source", "target", "fold"]].copy()
+        for name, row in zip(names, logits, strict=True):
+            part[name] = sigmoid(row)
+        part["pred_tta"] = combine_views(logits, cfg.infer.average)
+        parts.append(part)
+    oof = pd.concat(parts, ignore_index=True)
+    atomic_write_csv(oof, trained.run_dir / "oof_tta.csv")
+    return oof
+
+
+def tta_table(oof: pd.DataFrame) -> pd.DataFrame:
+    """OOF AUC with no TTA (identity), with each pass alone, and with all passes combined."""
+    scored = oof.dropna(subset=[c for c in oof if c.startswith("pred_")])
+    rows = [(c.removeprefix("pred_"), safe_auc(scored["target"], scored[c], c))
+            for c in oof if c.startswith("pred_")]
+    table = pd.DataFrame(rows, columns=["pass", "oof_auc"]).set_index("pass")
+    base = table.loc["identity", "oof_auc"] if "identity" in table.index else math.nan
+    table["gain_vs_identity"] = table["oof_auc"] - base
+    return table
+
+
+def run_infer(cfg: Config) -> Path:
+    """The `make infer` stage: numbered submissions, the OOF TTA table, then the ensemble."""
+    trained = trained_config(cfg)
+    models = load_fold_models(cfg, trained)
+    test = load_test(cfg.data)
+    logits = predict_all(cfg, trained, models, test, "test tta")
+    numbers = write_submissions(cfg, trained, models, test, logits)
+    if cfg.infer.oof_tta:
+        table = tta_table(oof_tta(cfg, trained, models))
+        atomic_write_text(trained.run_dir / "tta_oof.json", table.to_json(indent=2) + "\n")
+        log.info("TTA on out-of-fold images (%s of views):\n%s", cfg.infer.average,
+                 table.to_string(float_format="%.4f"))
+    cfg.ensemble.experiments = [cfg.experiment]
+    cfg.ensemble.n_min, cfg.ensemble.n_max = min(numbers), max(numbers)
+    output = run_ensemble(cfg)
+    log.info("final submission: %s\nupload with:\n  kaggle competitions submit %s -f %s -m \"...\""
+             "\n(or `make submit MSG=...`, which checks it first and adds the CV and commit)",
+             output, cfg.submit.competition, output)
+    return output
