@@ -66,7 +66,7 @@ check-submission: $(STAMP) ## check the ensemble CSV against sample_submission.c
 	$(call RUN,check_submission)
 
 submit: $(STAMP) ## check, then kaggle competitions submit: make submit MSG="..."
-	$(call RUN,submit) submit.message="$(MSG)"
+	$(call RUN,submit) --message "$(MSG)"
 
 download: $(STAMP) ## fetch the competition and external data into data/ with the kaggle CLI
 	$(call RUN,download)

@@ -1,0 +1,16 @@
+"""`make download`: competition data and the external ISIC 2019 JPEGs into data/ with the kaggle CLI."""
+
+from pipeline.cli import run
+from pipeline.download import download
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--force", action="store_true", help="download again even if done before")
+
+
+def main(cfg, args) -> None:
+    download(cfg, force=args.force)
+
+
+if __name__ == "__main__":
+    run(main, __doc__, extra=add_args)

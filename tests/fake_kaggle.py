@@ -1,0 +1,187 @@
+"""A stand-in for the Kaggle API on 127.0.0.1, so tests can run the real `kaggle` CLI offline.
+
+The CLI talks to `http://localhost/api/v1/<Service>/<Method>` when KAGGLE_API_ENVIRONMENT=LOCALHOST.
+Setting HTTP_PROXY to this server sends every request here whatever port it listens on; through a
+proxy the request line holds the absolute URL, so routing uses the path parsed out of it.
+
+What the CLI (kaggle 2.x, kagglesdk) does, and what this server answers:
+- JSON `POST .../competitions.CompetitionApiService/StartSubmissionUpload` -> {"token", "createUrl"};
+- `PUT <createUrl>` with the file's bytes (a plain requests session: no Kaggle auth) -> 200;
+- JSON `POST .../CreateSubmission` {"competitionName", "blobFileTokens", "submissionDescription"}
+  -> {"message", "ref"};
+- `POST .../DownloadDataFiles` and `.../datasets.DatasetApiService/DownloadDataset` -> a 302 to
+  `/files/<slug>.zip`, then `GET` of that file (a dataset download first asks GetDatasetMetadata
+  for its licences).
+Unknown endpoints answer 404 in Kaggle's error shape {"code", "message"}.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+API = "/api/v1/"
+COMPETITIONS = API + "competitions.CompetitionApiService/"
+DATASETS = API + "datasets.DatasetApiService/"
+
+
+@dataclass
+class Recorded:
+    """One request as the server saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body or b"{}")
+
+
+@dataclass
+class Failure:
+    status: int
+    echo_credentials: bool
+
+
+@dataclass
+class FakeKaggle:
+    """Records every request; answers the submit and download calls; can fail any endpoint on demand."""
+
+    requests: list[Recorded] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+    _server: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> FakeKaggle:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=10)
+            self._server = None
+
+    def __enter__(self) -> FakeKaggle:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def env(self) -> dict[str, str]:
+        """Variables that point the kaggle CLI at this server (NO_PROXY must also be unset)."""
+        return {
+            "KAGGLE_API_ENVIRONMENT": "LOCALHOST",
+            "HTTP_PROXY": self.proxy_url,
+            "http_proxy": self.proxy_url,
+        }
+
+    def fail(self, endpoint: str, status: int = 500, echo_credentials: bool = False) -> None:
+        """Answer `endpoint` (a method name such as "CreateSubmission") with an error.
+
+        With `echo_credentials` the error message repeats the request's Authorization header, decoded,
+        as a careless server might: the CLI then prints the key, and callers must redact it.
+        """
+        self.failures[endpoint] = Failure(status, echo_credentials)
+
+    def serve_file(self, name: str, data: bytes) -> None:
+        self.files[name] = data
+
+    def calls(self, suffix: str) -> list[Recorded]:
+        return [r for r in self.requests if r.path.endswith(suffix)]
+
+
+def _decoded_auth(header: str) -> str:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "basic":
+        return base64.b64decode(value).decode(errors="replace")
+    return value
+
+
+def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    chunk = self.rfile.read(size)
+                    self.rfile.readline()
+                    if size == 0:
+                        return b"".join(chunks)
+                    chunks.append(chunk)
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _send(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
+            self.send_response(status)
+            for key, value in (headers or {"Content-Type": "application/json"}).items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, payload: dict) -> None:
+            self._send(status, json.dumps(payload).encode())
+
+        def _handle(self) -> None:
+            path = urlsplit(self.path).path
+            request = Recorded(self.command, path, dict(self.headers.items()), self._body())
+            fake.requests.append(request)
+            name = path.rsplit("/", 1)[-1]
+            failure = fake.failures.get(name)
+            if failure is not None:
+                message = f"fake Kaggle refused {name}"
+                if failure.echo_credentials:
+                    message += f" for {_decoded_auth(request.headers.get('Authorization', ''))}"
+                return self._json(failure.status, {"code": failure.status, "message": message})
+            return self._route(request)
+
+        def _route(self, request: Recorded) -> None:
+            path = request.path
+            if request.method == "POST" and path == COMPETITIONS + "StartSubmissionUpload":
+                token = f"blob-token-{len(fake.requests)}"
+                return self._json(200, {"token": token, "createUrl": f"http://localhost/upload/{token}"})
+            if request.method == "PUT" and path.startswith("/upload/"):
+                return self._json(200, {})
+            if request.method == "POST" and path == COMPETITIONS + "CreateSubmission":
+                competition = request.json().get("competitionName", "")
+                return self._json(200, {"message": f"Successfully submitted to {competition}", "ref": 4242})
+            if request.method == "POST" and path == COMPETITIONS + "GetSubmissionLimits":
+                return self._json(200, {"numToday": 1, "numAllowedNow": 4})
+            if request.method == "POST" and path == COMPETITIONS + "DownloadDataFiles":
+                return self._redirect(request.json().get("competitionName", ""))
+            if request.method == "POST" and path == DATASETS + "GetDatasetMetadata":
+                return self._json(200, {"info": {"licenses": [{"name": "CC-BY-NC-4.0"}]}})
+            if request.method == "POST" and path == DATASETS + "DownloadDataset":
+                return self._redirect(request.json().get("datasetSlug", ""))
+            if request.method == "GET" and path.startswith("/files/"):
+                data = fake.files.get(path.removeprefix("/files/"))
+                if data is not None:
+                    return self._send(200, data, {"Content-Type": "application/zip"})
+            return self._json(404, {"code": 404, "message": f"fake Kaggle has no {request.method} {path}"})
+
+        def _redirect(self, slug: str) -> None:
+            self._send(302, b"", {"Location": f"http://localhost/files/{slug}.zip"})
+
+        do_GET = do_POST = do_PUT = _handle
+
+    return Handler
