@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo data-demo folds train train-all infer ensemble check-submission \
-        submit download bench test test-slow lint clean-demo
+        submit report download bench test test-slow lint clean-demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -39,7 +39,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP) ## create .venv and install the project (skipped when setup.cfg is unchanged)
 
 demo: $(STAMP) ## the whole chain on generated data, CPU, a few minutes
-	$(MAKE) --no-print-directory data-demo folds train-all infer check-submission \
+	$(MAKE) --no-print-directory data-demo folds train-all infer check-submission report \
 	  CONFIG=$(DEMO_CONFIG) FOLDS_CSV=folds/demo.csv
 
 data-demo: $(STAMP) ## generate the synthetic data set in Kaggle layout (configs/demo.yaml)
@@ -64,6 +64,9 @@ ensemble: $(STAMP) ## combine numbered submissions (mean | rank | weighted) into
 
 check-submission: $(STAMP) ## check the ensemble CSV against sample_submission.csv
 	$(call RUN,check_submission)
+
+report: $(STAMP) ## CV AUC, TTA gain on OOF, final CSV (and hidden test AUC on generated data)
+	$(call RUN,report)
 
 submit: $(STAMP) ## check, then kaggle competitions submit: make submit MSG="..."
 	$(call RUN,submit) --message "$(MSG)"

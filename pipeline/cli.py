@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.config import Config, ConfigError, load_config
 

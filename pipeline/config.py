@@ -9,7 +9,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -40,7 +40,7 @@ class ColumnsConfig:
     ext_sex: str = "sex"
     ext_age: str = "age_approx"
     ext_site: str = "anatom_site_general"
-    ext_diagnoses: List[str] = field(
+    ext_diagnoses: list[str] = field(
         default_factory=lambda: ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
     )
     dup_image: str = "image_name_1"
@@ -53,7 +53,7 @@ class ExternalConfig:
 
     name: str = "isic2019"
     ground_truth_csv: str = "data/external/ISIC_2019_Training_GroundTruth.csv"
-    metadata_csv: Optional[str] = "data/external/ISIC_2019_Training_Metadata.csv"
+    metadata_csv: str | None = "data/external/ISIC_2019_Training_Metadata.csv"
     images: str = "data/external/jpeg"
 
 
@@ -65,10 +65,11 @@ class DataConfig:
     train_images: str = "data/jpeg/train"
     test_images: str = "data/jpeg/test"
     image_ext: str = ".jpg"
-    external: List[ExternalConfig] = field(default_factory=list)
-    duplicates_csv: Optional[str] = None
+    external: list[ExternalConfig] = field(default_factory=list)
+    duplicates_csv: str | None = None
     check_images: bool = True
     skip_bad_images: bool = False
+    reduced_decode: bool = True  # decode big JPEGs at 1/2, 1/4, 1/8 scale when still >= image_size
     image_size: int = 256
     crop_size: int = 224
     batch_size: int = 32
@@ -101,7 +102,7 @@ class SyntheticConfig:
 class ModelConfig:
     backbone: str = "efficientnet_b0"
     pretrained: bool = False
-    weights_path: Optional[str] = None
+    weights_path: str | None = None
     drop_rate: float = 0.2
     drop_path_rate: float = 0.1
 
@@ -133,13 +134,13 @@ class TrainConfig:
     label_smoothing: float = 0.05
     precision: str = "auto"  # auto | 32 | 16-mixed | bf16-mixed
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = None
+    gradient_clip_val: float | None = None
     accelerator: str = "auto"
     devices: Any = 1
     seed: int = 42
-    early_stopping_patience: Optional[int] = None
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
+    early_stopping_patience: int | None = None
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
     bootstrap: int = 1000
     aug: AugConfig = field(default_factory=AugConfig)
 
@@ -147,7 +148,7 @@ class TrainConfig:
 @dataclass
 class InferConfig:
     checkpoint: str = "best"  # best | last
-    views: List[str] = field(
+    views: list[str] = field(
         default_factory=lambda: [
             "identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose"
         ]
@@ -163,11 +164,11 @@ class InferConfig:
 @dataclass
 class EnsembleConfig:
     method: str = "mean"  # mean | rank | weighted
-    experiments: List[str] = field(default_factory=list)
-    folds: List[int] = field(default_factory=list)
-    views: List[str] = field(default_factory=list)
-    n_min: Optional[int] = None
-    n_max: Optional[int] = None
+    experiments: list[str] = field(default_factory=list)
+    folds: list[int] = field(default_factory=list)
+    views: list[str] = field(default_factory=list)
+    n_min: int | None = None
+    n_max: int | None = None
     output: str = "submissions/ensemble.csv"
 
 
@@ -175,6 +176,25 @@ class EnsembleConfig:
 class SubmitConfig:
     competition: str = "siim-isic-melanoma-classification"
     message: str = ""
+
+
+@dataclass
+class BenchConfig:
+    """`make bench`: sizes for the side-by-side speed figures (CPU-sized defaults)."""
+
+    backbone: str = "efficientnet_b0"
+    jpeg_size: int = 256
+    crop_size: int = 128
+    n_images: int = 96
+    batch_size: int = 16
+    train_steps: int = 6
+    warmup_steps: int = 2
+    num_workers: int = 2
+    repeats: int = 2
+    ensemble_files: int = 50
+    ensemble_rows: int = 11000
+    folds_rows: int = 60000
+    work_dir: str = "runs/bench"
 
 
 @dataclass
@@ -189,6 +209,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -28,11 +28,51 @@ class BadImageError(UserError):
     """An image file is missing or cannot be decoded."""
 
 
-def read_image(path: str) -> np.ndarray:
-    """Decode a JPEG to RGB uint8 (H, W, 3), naming the file if it is missing or corrupt."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
+SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_shape(head: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's frame header, without decoding; None if not found."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(head):
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in SOF_MARKERS:
+            return int.from_bytes(head[i + 5:i + 7], "big"), int.from_bytes(head[i + 7:i + 9], "big")
+        i += 2 + int.from_bytes(head[i + 2:i + 4], "big")
+    return None
+
+
+def decode_flag(head: bytes, min_side: int | None) -> int:
+    """Decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, several times faster) when the
+    image stays at least `min_side` px on its short side: a 512-px JPEG for a 256-px model."""
+    shape = jpeg_shape(head) if min_side else None
+    if shape:
+        for factor, flag in REDUCED.items():
+            if min(shape) // factor >= min_side:
+                return flag
+    return cv2.IMREAD_COLOR
+
+
+def read_image(path: str, min_side: int | None = None) -> np.ndarray:
+    """Decode an image to RGB uint8 (H, W, 3), naming the file if it is missing or corrupt.
+
+    With `min_side`, a JPEG much larger than needed is decoded at a reduced scale.
+    """
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError:
+        raise BadImageError(f"{path}: cannot read image (missing or unreadable)") from None
+    image = cv2.imdecode(data, decode_flag(data[:65536].tobytes(), min_side)) if data.size else None
     if image is None:
-        raise BadImageError(f"{path}: cannot read image (missing or corrupt)")
+        raise BadImageError(f"{path}: cannot decode image (corrupt or not an image)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -76,13 +116,14 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths, targets=None, is_2020=None, transform: A.Compose | None = None,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, min_side: int | None = None):
         self.paths = np.asarray(paths, dtype=np.bytes_)
         n = len(self.paths)
         self.targets = np.zeros(n, np.float32) if targets is None else np.asarray(targets, np.float32)
         self.is_2020 = np.ones(n, bool) if is_2020 is None else np.asarray(is_2020, bool)
         self.transform = transform
         self.skip_bad = skip_bad
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -90,7 +131,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict | None:
         path = self.paths[i].decode()
         try:
-            image = read_image(path)
+            image = read_image(path, self.min_side)
         except BadImageError:
             if not self.skip_bad:
                 raise
@@ -119,15 +160,17 @@ def collate(items: list[dict | None]) -> dict:
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0 and train,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
         collate_fn=collate,
     )
 
 
-def dataset_from_frame(df: pd.DataFrame, transform: A.Compose, skip_bad: bool) -> ImageDataset:
+def dataset_from_frame(df: pd.DataFrame, data: DataConfig, transform: A.Compose) -> ImageDataset:
+    """A dataset over a table's `image_path` (and `target`, `source` where present)."""
     targets = df["target"].to_numpy() if "target" in df else None
     is_2020 = (df["source"] == COMPETITION_SOURCE).to_numpy() if "source" in df else None
-    return ImageDataset(df["image_path"].to_numpy(), targets, is_2020, transform, skip_bad)
+    return ImageDataset(df["image_path"].to_numpy(), targets, is_2020, transform,
+                        data.skip_bad_images, data.image_size if data.reduced_decode else None)
 
 
 @dataclass
@@ -157,10 +200,10 @@ class FoldDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        ds = dataset_from_frame(self.split.train, train_transform(d, self.cfg.train.aug), d.skip_bad_images)
+        ds = dataset_from_frame(self.split.train, d, train_transform(d, self.cfg.train.aug))
         return make_loader(ds, d.batch_size, d.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        ds = dataset_from_frame(self.split.valid, eval_transform(d), d.skip_bad_images)
+        ds = dataset_from_frame(self.split.valid, d, eval_transform(d))
         return make_loader(ds, d.batch_size, d.num_workers, train=False)

@@ -89,16 +89,16 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
     passes = tta_passes(cfg)
     views = [v for v, seed in passes if seed is None]
     out = np.full((len(models), len(passes), len(frame)), np.nan, np.float32)
-    batch, workers, skip = cfg.infer.batch_size, trained.data.num_workers, trained.data.skip_bad_images
+    batch, workers = cfg.infer.batch_size, trained.data.num_workers
     nets = [m.model for m in models]
     if views:
-        ds = dataset_from_frame(frame, eval_transform(trained.data), skip)
+        ds = dataset_from_frame(frame, trained.data, eval_transform(trained.data))
         index, logits = predict_logits(nets, make_loader(ds, batch, workers, False), views, desc=desc)
         out[:, : len(views), index] = logits
     for p, (_, seed) in enumerate(passes[len(views):], start=len(views)):
         transform = train_transform(trained.data, trained.train.aug)
         transform.set_random_seed(seed)
-        ds = dataset_from_frame(frame, transform, skip)
+        ds = dataset_from_frame(frame, trained.data, transform)
         # one process: the seeded augmentation stream is then reproducible
         index, logits = predict_logits(nets, make_loader(ds, batch, 0, False), ["identity"],
                                        desc=f"{desc} seed {seed}")

@@ -115,7 +115,9 @@ class MelanomaModel(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
-        logits, targets, is_2020 = (self.all_gather(torch.cat(t)).flatten().cpu().numpy() for t in zip(*self._val))
+        logits, targets, is_2020 = (
+            self.all_gather(torch.cat(t)).flatten().cpu().numpy() for t in zip(*self._val, strict=True)
+        )
         self._val.clear()
         probs = 1 / (1 + np.exp(-logits))
         is_2020 = is_2020.astype(bool)

@@ -93,7 +93,7 @@ def write_numbered(df: pd.DataFrame, folder: str | Path) -> tuple[int, Path]:
                 n += 1
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("wrote %s (%d rows)", final, len(df))
+    log.debug("wrote %s (%d rows)", final, len(df))
     return n, final
 
 

@@ -5,20 +5,31 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.cli import UserError
 from pipeline.config import Config, save_config
-from pipeline.data import FoldDataModule, dataset_from_frame, eval_transform, make_loader, split_fold
+from pipeline.data import (
+    FoldDataModule,
+    dataset_from_frame,
+    eval_transform,
+    make_loader,
+    split_fold,
+)
 from pipeline.metrics import cv_summary
 from pipeline.model import MelanomaModel, load_model
 from pipeline.predict import predict_logits
@@ -56,7 +67,8 @@ def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) ->
     if t.early_stopping_patience:
         extra.append(EarlyStopping("val_auc", mode="max", patience=t.early_stopping_patience,
                                    check_finite=False))
-    limits = {k: getattr(t, k) for k in ("limit_train_batches", "limit_val_batches") if getattr(t, k)}
+    limits = {k: getattr(t, k) for k in ("limit_train_batches", "limit_val_batches")
+              if getattr(t, k) is not None}
     return pl.Trainer(
         default_root_dir=out, max_epochs=t.epochs, precision=resolve_precision(t.precision),
         accelerator=t.accelerator, devices=t.devices,
@@ -69,7 +81,7 @@ def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) ->
 def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -> pd.DataFrame:
     """Predictions of `checkpoint` on its fold's validation images, one row per image."""
     model = load_model(str(checkpoint), cfg.model)
-    ds = dataset_from_frame(valid, eval_transform(cfg.data), cfg.data.skip_bad_images)
+    ds = dataset_from_frame(valid, cfg.data, eval_transform(cfg.data))
     loader = make_loader(ds, cfg.infer.batch_size, cfg.data.num_workers, train=False)
     index, logits = predict_logits([model], loader, ["identity"], desc=f"oof fold {fold}")
     pred = np.full(len(valid), np.nan)

@@ -17,7 +17,7 @@ def real_table(real_data, duplicates=False):
 def table(patients, positives, seed=0):
     """A merged-style table: patient sizes and positives per patient."""
     rows = []
-    for p, (n, k) in enumerate(zip(patients, positives)):
+    for p, (n, k) in enumerate(zip(patients, positives, strict=True)):
         rows += [(f"IMG_{p}_{i}", f"IP_{p}", int(i < k), "isic2020") for i in range(n)]
     return pd.DataFrame(rows, columns=["image_name", "patient_id", "target", "source"])
 

@@ -189,3 +189,22 @@ def test_missing_folds_file(tmp_path):
     cfg = load_config(None, [f"folds.output={tmp_path}/none.csv"])
     with pytest.raises(UserError, match="make folds"):
         train_all(cfg)
+
+
+def test_reduced_decode_reads_header_and_keeps_enough_pixels(tmp_path):
+    import cv2
+
+    from pipeline.data import jpeg_shape, read_image
+
+    img = np.zeros((300, 520, 3), np.uint8)
+    img[:, 260:] = (0, 0, 255)  # right half red in BGR
+    path = str(tmp_path / "x.jpg")
+    cv2.imwrite(path, img)
+    with open(path, "rb") as f:
+        assert jpeg_shape(f.read()) == (300, 520)
+    assert read_image(path).shape == (300, 520, 3)
+    half = read_image(path, min_side=128)  # 300 // 2 >= 128, 300 // 4 < 128
+    assert half.shape == (150, 260, 3)
+    assert half[75, 200, 0] > 200 and half[75, 10, 0] < 50  # RGB order kept
+    assert read_image(path, min_side=299).shape == (300, 520, 3)
+    assert jpeg_shape(b"not a jpeg") is None

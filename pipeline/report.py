@@ -1,0 +1,75 @@
+"""The closing summary of a run: CV AUC, the TTA gain on OOF, the final CSV, and (on generated
+data, whose hidden test labels are known) the test AUC next to the generator's ceiling."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.metrics import safe_auc
+
+log = logging.getLogger(__name__)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def truth_dir(cfg: Config) -> Path:
+    """Where the synthetic generator keeps its hidden labels: `_truth/` beside train.csv."""
+    return Path(cfg.data.train_csv).parent / "_truth"
+
+
+def hidden_test_auc(cfg: Config, submission: Path) -> float | None:
+    """AUC of a submission against hidden test labels, where such labels exist (generated data)."""
+    labels = truth_dir(cfg) / "test_labels.csv"
+    if not (labels.is_file() and submission.is_file()):
+        return None
+    merged = pd.read_csv(labels).merge(pd.read_csv(submission), on="image_name", suffixes=("", "_pred"))
+    return safe_auc(merged["target"], merged["target_pred"], "hidden test AUC")
+
+
+def ceiling(cfg: Config, split: str) -> float | None:
+    """The AUC the generator's latent score reaches: the best any model can do."""
+    name = {"train": "train_latent.csv", "test": "test_labels.csv"}[split]
+    path = truth_dir(cfg) / name
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path)
+    return safe_auc(df["target"], df["latent"], f"{split} ceiling")
+
+
+def summary_lines(cfg: Config) -> list[str]:
+    cv = _read_json(cfg.run_dir / "cv.json")
+    tta = _read_json(cfg.run_dir / "tta_oof.json")
+    output = Path(cfg.ensemble.output)
+    ens = _read_json(output.with_suffix(".json"))
+    lines = [f"experiment {cfg.experiment}"]
+    if cv:
+        lo, hi = cv["oof_auc_ci95"]
+        lines.append(f"CV AUC (OOF, no TTA)      {cv['oof_auc']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"
+                     f"  2020-only {cv['oof_auc_2020']:.4f}")
+    if tta:
+        auc = tta["oof_auc"]
+        lines.append(f"TTA on OOF                {auc['tta']:.4f}  (gain {auc['tta'] - auc['identity']:+.4f}"
+                     " over no TTA)")
+    if ens and ens.get("cv_auc") is not None:
+        lines.append(f"ensemble OOF AUC          {ens['cv_auc']:.4f}  ({ens['method']} of {len(ens['files'])} files)")
+    train_ceiling = ceiling(cfg, "train")
+    if train_ceiling is not None:
+        lines.append(f"ceiling (latent score)    {train_ceiling:.4f}  train / {ceiling(cfg, 'test'):.4f} test")
+    test_auc = hidden_test_auc(cfg, output)
+    if test_auc is not None:
+        lines.append(f"hidden test AUC           {test_auc:.4f}  of {output}")
+    lines.append(f"final submission          {output}")
+    return lines
+
+
+def report(cfg: Config) -> str:
+    text = "\n".join(summary_lines(cfg))
+    log.info("summary\n%s", text)
+    return text
