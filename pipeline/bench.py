@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,11 +62,12 @@ def bench_images(cfg: Config) -> np.ndarray:
     b = cfg.bench
     root = Path(b.work_dir) / f"jpeg{b.jpeg_size}"
     folder = root / "jpeg" / "train"
-    if not folder.is_dir() or len(list(folder.glob("*.jpg"))) < b.n_images:
-        n_patients = max(4, b.n_images // 12 + 2)
+    if not folder.is_dir() or len(list(folder.glob("*.jpg"))) < min(b.n_images, 1024):
+        # ~18 images a patient; at most ~1,000 distinct files, cycled beyond that
+        n_patients = max(4, min(b.n_images, 1024) // 16 + 2)
         generate_synthetic(SyntheticConfig(out_dir=str(root), n_patients=n_patients, n_test_patients=2,
                                            n_external_lesions=1, image_size=b.jpeg_size,
-                                           positive_rate=0.3))
+                                           positive_rate=0.3, n_jobs=os.cpu_count() or 2))
     paths = sorted(str(p) for p in folder.glob("*.jpg"))
     return np.resize(np.array(paths), b.n_images)
 

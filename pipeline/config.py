@@ -185,12 +185,12 @@ class BenchConfig:
     backbone: str = "efficientnet_b0"
     jpeg_size: int = 256
     crop_size: int = 128
-    n_images: int = 96
+    n_images: int = 256
     batch_size: int = 16
-    train_steps: int = 6
-    warmup_steps: int = 2
+    train_steps: int = 14
+    warmup_steps: int = 4
     num_workers: int = 2
-    repeats: int = 2
+    repeats: int = 3
     ensemble_files: int = 50
     ensemble_rows: int = 11000
     folds_rows: int = 60000

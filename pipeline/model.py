@@ -79,8 +79,13 @@ class MelanomaModel(pl.LightningModule):
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images → one logit per image."""
-        return self.net(x).squeeze(1)
+        """Normalised images → one logit per image.
+
+        Flipped or transposed views arrive with permuted strides; one cheap copy into the
+        layout the convolutions run fastest on (channels-last, on CUDA and CPU alike) keeps every
+        view at full speed.
+        """
+        return self.net(x.contiguous(memory_format=torch.channels_last)).squeeze(1)
 
     def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The one step train, validation and test share: (loss, logits, targets)."""
