@@ -16,7 +16,11 @@ log = logging.getLogger(__name__)
 
 def safe_auc(y: np.ndarray, p: np.ndarray, what: str = "AUC") -> float:
     """ROC AUC, or NaN with a warning when only one class is present."""
-    y = np.asarray(y)
+    y, p = np.asarray(y), np.asarray(p)
+    if not np.isfinite(p).all():
+        log.warning("%s: %d prediction(s) are NaN or infinite; AUC is undefined (NaN)", what,
+                    int((~np.isfinite(p)).sum()))
+        return math.nan
     if len(np.unique(y)) < 2:
         log.warning("%s: only one class among %d rows; AUC is undefined (NaN)", what, len(y))
         return math.nan

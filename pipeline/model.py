@@ -63,6 +63,8 @@ class MelanomaModel(pl.LightningModule):
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pos_weight", torch.tensor([self.train_cfg.pos_weight]), persistent=False)
         self._val: list[tuple[torch.Tensor, ...]] = []
+        self._first_bad: torch.Tensor | None = None
+        self._lrs: dict[int, float] = {}
         self.skipped = 0
 
     @classmethod
@@ -101,14 +103,43 @@ class MelanomaModel(pl.LightningModule):
         if batch["image"].numel() == 0:
             return None
         loss, _, _ = self.model_step(batch)
-        if not torch.isfinite(loss):
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            raise TrainingDiverged(
-                f"fold {self.hparams.fold}: loss is {loss.item()} at step {self.global_step} "
-                f"(epoch {self.current_epoch}, lr {lr:.3g}); last.ckpt keeps the last good epoch"
-            )
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["target"]))
+        self._watch_finite(loss)
+        # epoch mean only in the progress bar: a per-step value would sync the GPU every step
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True,
+                 batch_size=len(batch["target"]))
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.log("train_loss_step", loss, on_step=True, on_epoch=False)
+            self._raise_if_diverged()
         return loss
+
+    def _watch_finite(self, loss: torch.Tensor) -> None:
+        """Note the first step with a non-finite loss, on the device: no host sync per step."""
+        step = torch.tensor(self.global_step, device=loss.device)
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, step, self._first_bad)
+        self._lrs[self.global_step] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        if len(self._lrs) > 4 * self.trainer.log_every_n_steps:
+            self._lrs.pop(next(iter(self._lrs)))
+
+    def _raise_if_diverged(self) -> None:
+        """Checked every `log_every_n_steps` steps and before each validation."""
+        if self._first_bad is None or int(self._first_bad) < 0:
+            return
+        step = int(self._first_bad)
+        lr = self._lrs.get(step, float("nan"))
+        raise TrainingDiverged(
+            f"fold {self.hparams.fold}: loss is not finite (NaN or inf) from step {step} "
+            f"(epoch {self.current_epoch}, lr {lr:.3g}); last.ckpt keeps the last good epoch"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_diverged()
+
+    def on_validation_epoch_start(self) -> None:
+        # validation runs before on_train_epoch_end: stop before scoring a diverged model
+        self._raise_if_diverged()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if batch["image"].numel() == 0:

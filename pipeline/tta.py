@@ -25,6 +25,9 @@ TensorFn = Callable[[Tensor], Tensor]
 COMBINE_METHODS = ("mean", "logit", "rank")
 
 
+MAX_FORWARD_BATCH = 512  # images in one batched multi-view forward
+
+
 def identity(x: Tensor) -> Tensor:
     """The image as it is."""
     return x
@@ -125,7 +128,14 @@ def predict_views(
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     batch = images.shape[0]
-    return torch.stack([_flat_logits(model_fn(v.forward(images)), batch) for v in _as_views(views)])
+    outs = [v.forward(images) for v in _as_views(views)]
+    if any(o.shape != outs[0].shape for o in outs):  # rot90/transpose of a non-square batch
+        return torch.stack([_flat_logits(model_fn(o), batch) for o in outs])
+    # several views per forward: far fewer kernel launches, which bound a small model on a GPU
+    per_forward = max(1, MAX_FORWARD_BATCH // batch)
+    chunks = [torch.cat(outs[i:i + per_forward]) for i in range(0, len(outs), per_forward)]
+    logits = torch.cat([_flat_logits(model_fn(c), len(c)) for c in chunks])
+    return logits.view(len(outs), batch)
 
 
 def _to_numpy(values: Tensor | np.ndarray) -> np.ndarray:
