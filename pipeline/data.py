@@ -23,6 +23,11 @@ from pipeline.merge import COMPETITION_SOURCE
 
 log = logging.getLogger(__name__)
 
+# One OpenCV thread per process, set before any loader forks: each of N workers would otherwise
+# start a pool the size of the machine (N x cores threads starving the process that feeds the
+# GPU), and changing the pool inside a forked worker deadlocks once the parent has used it.
+cv2.setNumThreads(1)
+
 
 class BadImageError(UserError):
     """An image file is missing or cannot be decoded."""
@@ -157,17 +162,11 @@ def collate(items: list[dict | None]) -> dict:
     return batch
 
 
-def _worker_init(worker_id: int) -> None:
-    # OpenCV would start a thread pool the size of the machine in every worker: 14 workers x 16
-    # threads starve the main process that launches the GPU's kernels
-    cv2.setNumThreads(1)
-
-
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool) -> DataLoader:
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        collate_fn=collate, worker_init_fn=_worker_init,
+        collate_fn=collate,
     )
 
 

@@ -168,13 +168,27 @@ class MelanomaModel(pl.LightningModule):
 
     def configure_optimizers(self):
         t = self.train_cfg
+        total = int(self.trainer.estimated_stepping_batches)
         optimizer = torch.optim.AdamW(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=t.lr, total_steps=int(self.trainer.estimated_stepping_batches),
-            pct_start=t.pct_start, div_factor=t.div_factor, final_div_factor=t.final_div_factor,
+            optimizer, max_lr=t.lr, total_steps=total, pct_start=warmup_fraction(t.pct_start, total),
+            div_factor=t.div_factor, final_div_factor=t.final_div_factor,
         )
         # stepped per optimizer step: the blog's per-epoch stepping keeps the LR near its start
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_fraction(pct_start: float, total_steps: int) -> float:
+    """OneCycle's warm-up share, raised to two steps at least: torch divides by zero when the
+    warm-up is a single step (e.g. pct_start 0.1 of a 10-step smoke run)."""
+    if total_steps < 4:
+        raise UserError(f"OneCycle needs at least 4 optimizer steps, this run has {total_steps}: "
+                        "use more epochs or a smaller batch")
+    least = 2 / total_steps
+    if pct_start * total_steps < 2:
+        log.warning("train.pct_start=%s is under two of %d steps; using %.3f", pct_start,
+                    total_steps, least)
+    return min(max(pct_start, least), 1 - least)
 
 
 def load_model(path: str, model: ModelConfig, device: torch.device | str = "cpu") -> MelanomaModel:

@@ -208,3 +208,12 @@ def test_reduced_decode_reads_header_and_keeps_enough_pixels(tmp_path):
     assert half[75, 200, 0] > 200 and half[75, 10, 0] < 50  # RGB order kept
     assert read_image(path, min_side=299).shape == (300, 520, 3)
     assert jpeg_shape(b"not a jpeg") is None
+
+
+def test_smoke_run_with_one_step_warmup(tmp_path):
+    """10 optimizer steps with pct_start 0.1 crashed OneCycleLR (seen on the GPU test)."""
+    folds, overrides = make_tiny_set(tmp_path, n_patients=16, size=64)
+    cfg = load_config(None, overrides + ["train.epochs=2", "train.pct_start=0.1"])
+    rec = RecordLR()
+    oof = train_fold(cfg, 0, folds, callbacks=[rec])
+    assert len(rec.lrs) == 10 and oof["pred"].notna().all()
