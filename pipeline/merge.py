@@ -57,6 +57,15 @@ def load_competition(data: DataConfig) -> pd.DataFrame:
     })
 
 
+def _external_diagnosis(gt: pd.DataFrame, c: ColumnsConfig) -> np.ndarray:
+    """The one-hot diagnosis columns' name (ISIC 2019 ground truth), else a `diagnosis` column."""
+    dx_cols = [d for d in c.ext_diagnoses if d in gt.columns]
+    if not dx_cols:
+        return _optional(gt, c.diagnosis).to_numpy()
+    dx = gt[dx_cols].apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
+    return np.where(dx.max(axis=1) > 0, np.array(dx_cols)[dx.argmax(axis=1)], None)
+
+
 def load_external(ext: ExternalConfig, c: ColumnsConfig, image_ext: str) -> pd.DataFrame:
     """An ISIC 2019 style set: one-hot ground truth plus optional metadata with `lesion_id`.
 
@@ -66,10 +75,8 @@ def load_external(ext: ExternalConfig, c: ColumnsConfig, image_ext: str) -> pd.D
     gt = read_csv(gt_path, [c.ext_image, c.ext_target])
     check_unique(gt, c.ext_image, gt_path)
     target = check_binary(gt, c.ext_target, gt_path)
-    dx_cols = [d for d in c.ext_diagnoses if d in gt.columns]
-    dx = gt[dx_cols].apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
-    diagnosis = np.where(dx.max(axis=1) > 0, np.array(dx_cols)[dx.argmax(axis=1)], None)
-    meta = pd.DataFrame({c.ext_image: gt[c.ext_image]})
+    diagnosis = _external_diagnosis(gt, c)
+    meta = gt  # without a separate metadata file, the ground-truth file holds the metadata
     if ext.metadata_csv:
         meta = read_csv(ext.metadata_csv, [c.ext_image])
         check_unique(meta, c.ext_image, ext.metadata_csv)

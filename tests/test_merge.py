@@ -144,3 +144,19 @@ def test_name_clash_between_sets(tmp_path):
     with pytest.raises(UserError, match="ISIC_9001"):
         merge_tables(data_cfg(tmp_path, rows, external=[ext]))
     assert pd.read_csv(ext.ground_truth_csv).shape[0] == 3
+
+
+def test_downloaded_external_layout_from_shipped_config(real_data):
+    """configs/effnet_b5_512.yaml reads the merged external set's train.csv (2020 columns)."""
+    from tests.conftest import REPO
+    cfg = load_config(REPO / "configs/effnet_b5_512.yaml", [
+        f"data.train_csv={real_data / 'train.csv'}", "data.check_images=false",
+        "data.duplicates_csv=null"])
+    cfg.data.external[0].ground_truth_csv = str(
+        real_data / "external/train_cdeotte_jpeg-isic2019_tfrecord_folds.csv")
+    df = merge_tables(cfg.data)
+    ext = df[df.source == "isic2019"]
+    raw = pd.read_csv(cfg.data.external[0].ground_truth_csv)
+    assert len(ext) == len(raw) and ext["target"].sum() == raw["target"].sum()
+    assert ext["patient_id"].str.startswith("image:").all()  # patient_id -1 is not a patient
+    assert ext["diagnosis"].notna().mean() > 0.99 and ext["anatom_site"].notna().mean() > 0.8
