@@ -119,31 +119,46 @@ def lightning_rate(cfg: Config, paths: np.ndarray) -> float:
     return (b.train_steps - b.warmup_steps) * b.batch_size / timer.seconds
 
 
+class PlainLoop:
+    """The blog's hand-written AMP training step: the fold trainer's model, loss, AdamW, OneCycle
+    and precision, without Lightning."""
+
+    def __init__(self, cfg: Config, device: torch.device, total_steps: int):
+        precision = resolve_precision(cfg.train.precision)
+        self.dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
+        self.device = device
+        self.model = MelanomaModel.from_configs(cfg.model, cfg.train).to(device).train()
+        if device.type == "cuda":
+            self.model.net.to(memory_format=torch.channels_last)
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=t.lr,
+                                                             total_steps=total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    def step(self, batch: dict) -> None:
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss, _, _ = self.model.model_step(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+
 def plain_rate(cfg: Config, paths: np.ndarray, device: torch.device) -> float:
-    """Images/s of the blog's hand-written AMP loop on the same model, loader and schedule."""
+    """Images/s of the plain loop on the same loader and batches as the fold trainer."""
     b = cfg.bench
-    precision = resolve_precision(cfg.train.precision)
-    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
-    model = MelanomaModel.from_configs(cfg.model, cfg.train).to(device).train()
-    if device.type == "cuda":
-        model.net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.lr, total_steps=b.train_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loop = PlainLoop(cfg, device, b.train_steps)
     loader = make_loader(train_dataset(cfg, paths), b.batch_size, b.num_workers, train=True)
     start = 0.0
     for i, batch in enumerate(loader):
         if i == b.warmup_steps:
             sync(device)
             start = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss, _, _ = model.model_step(batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        loop.step(batch)
         if i == b.train_steps - 1:
             break
     sync(device)
@@ -153,27 +168,13 @@ def plain_rate(cfg: Config, paths: np.ndarray, device: torch.device) -> float:
 def model_bound_rate(cfg: Config, device: torch.device) -> float:
     """Training images/s with uint8 batches already on the device: the ceiling for the loader."""
     b = cfg.bench
-    precision = resolve_precision(cfg.train.precision)
-    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
-    model = MelanomaModel.from_configs(cfg.model, cfg.train).to(device).train()
-    if device.type == "cuda":
-        model.net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    loop = PlainLoop(cfg, device, b.train_steps)
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.randint(0, 255, (b.batch_size, b.crop_size, b.crop_size, 3), generator=gen,
                                     dtype=torch.uint8).to(device),
              "target": (torch.arange(b.batch_size) % 5 == 0).float().to(device)}
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss, _, _ = model.model_step(batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return b.batch_size / per_call(step, b.warmup_steps, b.train_steps - b.warmup_steps, device)
+    return b.batch_size / per_call(lambda: loop.step(batch), b.warmup_steps,
+                                   b.train_steps - b.warmup_steps, device)
 
 
 def per_call(fn: Callable[[], object], warmup: int, calls: int, device: torch.device) -> float:

@@ -131,8 +131,9 @@ def predict_views(
     outs = [v.forward(images) for v in _as_views(views)]
     if any(o.shape != outs[0].shape for o in outs):  # rot90/transpose of a non-square batch
         return torch.stack([_flat_logits(model_fn(o), batch) for o in outs])
-    # several views per forward: far fewer kernel launches, which bound a small model on a GPU
-    per_forward = max(1, MAX_FORWARD_BATCH // batch)
+    # on a GPU several views per forward: far fewer kernel launches, which bound a small model;
+    # on a CPU one view at a time keeps the activations in cache
+    per_forward = max(1, MAX_FORWARD_BATCH // batch) if images.is_cuda else 1
     chunks = [torch.cat(outs[i:i + per_forward]) for i in range(0, len(outs), per_forward)]
     logits = torch.cat([_flat_logits(model_fn(c), len(c)) for c in chunks])
     return logits.view(len(outs), batch)
