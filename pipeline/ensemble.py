@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.cli import UserError
-from pipeline.config import Config
+from pipeline.config import Config, save_config
 from pipeline.submissions import MANIFEST_NAME, read_manifest, select_members
 from pipeline.tables import check_binary, check_unique, read_csv
 from pipeline.tta import combine_views, percentile_ranks
@@ -346,6 +346,7 @@ def run_ensemble(cfg: Config) -> Path:
             auc, source = _fallback_auc(members), "manifest_mean"
     output = Path(e.output)
     atomic_write_csv(df, output)
+    save_config(cfg, output.parent, output.stem + ".config.yaml")
     summary = _summary(e.method, groups, group_weights, auc, source)
     atomic_write_text(output.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     for g in summary["groups"]:

@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline.atomic import atomic_write_csv
 from pipeline.cli import UserError
 from pipeline.config import Config, FoldsConfig, save_config
-from pipeline.merge import COMPETITION_SOURCE, merge_tables
+from pipeline.merge import COMPETITION_SOURCE, fill_patients, merge_tables
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def make_folds(df: pd.DataFrame, cfg: FoldsConfig) -> pd.DataFrame:
     """Add a `fold` column; external images are train-only (-1) or spread over folds, by config."""
     if cfg.external not in ("train_only", "spread"):
         raise UserError(f"folds.external must be 'train_only' or 'spread', got {cfg.external!r}")
+    df = df.assign(patient_id=fill_patients(df["patient_id"], df["image_name"], "folds input"))
     in_cv = (df["source"] == COMPETITION_SOURCE) | (cfg.external == "spread")
     stats = group_stats(df[in_cv])
     _check_feasible(stats, cfg.n_folds)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.cli import UserError
-from pipeline.config import Config, config_hash, load_config
+from pipeline.config import Config, config_hash, load_config, save_config
 from pipeline.data import dataset_from_frame, eval_transform, make_loader, train_transform
 from pipeline.ensemble import run_ensemble
 from pipeline.merge import load_test
@@ -167,6 +167,7 @@ def run_infer(cfg: Config) -> Path:
     """The `make infer` stage: numbered submissions, the OOF TTA table, then the ensemble."""
     trained = trained_config(cfg)
     models = load_fold_models(cfg, trained)
+    save_config(cfg, trained.run_dir, "infer.config.yaml")
     test = load_test(cfg.data)
     logits = predict_all(cfg, trained, models, test, "test tta")
     numbers = write_submissions(cfg, trained, models, test, logits)

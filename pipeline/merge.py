@@ -29,7 +29,7 @@ def _optional(df: pd.DataFrame, column: str) -> pd.Series:
     return df[column] if column in df.columns else pd.Series(pd.NA, index=df.index)
 
 
-def _fill_patients(patients: pd.Series, images: pd.Series, path: str) -> pd.Series:
+def fill_patients(patients: pd.Series, images: pd.Series, path: str) -> pd.Series:
     """Images without a patient id form a group of their own, so they still never straddle folds."""
     missing = patients.isna() | (patients.astype("string").str.strip() == "")
     if missing.any():
@@ -46,7 +46,7 @@ def load_competition(data: DataConfig) -> pd.DataFrame:
     check_unique(df, c.image, path)
     return pd.DataFrame({
         "image_name": df[c.image],
-        "patient_id": _fill_patients(df[c.patient], df[c.image], path),
+        "patient_id": fill_patients(df[c.patient], df[c.image], path),
         "target": check_binary(df, c.target, path),
         "source": COMPETITION_SOURCE,
         "sex": _optional(df, c.sex),

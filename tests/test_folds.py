@@ -110,3 +110,14 @@ def test_audit_counts_sources():
     assert a["images"].sum() == 27 and a["positives"].sum() == 3
     assert (a["n_isic2020"] == a["images"]).all()
 
+
+
+def test_missing_patient_ids_become_own_groups(caplog):
+    df = table([3] * 6, [1, 1, 1, 0, 0, 0])
+    df.loc[[0, 1], "patient_id"] = None
+    with caplog.at_level("WARNING"):
+        folds = make_folds(df, FoldsConfig(n_folds=3))
+    assert "2 row(s) without a patient id" in caplog.text
+    assert folds["fold"].between(0, 2).all()
+    assert folds.loc[0, "patient_id"] == "image:IMG_0_0"
+    check_folds(folds)
