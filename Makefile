@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The torch build to install; on a GPU box pick yours, e.g. TORCH="torch torchvision".
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-STAMP := $(VENV)/.installed
+# keyed on the torch choice too: `make install TORCH=...` after a first install takes effect
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 CONFIG ?= configs/effnet_b5_512.yaml
 FOLDS_CSV ?= folds/folds.csv
 ARGS ?=
@@ -16,8 +17,10 @@ MSG ?= submission
 DEMO_CONFIG := configs/demo.yaml
 RUN = $(BIN)/python scripts/$(1).py --config $(CONFIG) folds.output=$(FOLDS_CSV) $(ARGS)
 
-export NO_ALBUMENTATIONS_UPDATE := 1
-export HF_HUB_OFFLINE := 1
+# offline by default; the first run with pretrained weights on your machine: HF_HUB_OFFLINE=0
+NO_ALBUMENTATIONS_UPDATE ?= 1
+HF_HUB_OFFLINE ?= 1
+export NO_ALBUMENTATIONS_UPDATE HF_HUB_OFFLINE
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
@@ -34,6 +37,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
 	touch $@
 
 install: $(STAMP) ## create .venv and install the project (skipped when setup.cfg is unchanged)

@@ -157,6 +157,7 @@ class InferConfig:
     random_seed: int = 0
     average: str = "mean"  # how views of one model combine: mean | logit | rank
     batch_size: int = 64
+    max_forward_batch: int = 512  # on CUDA, views of a batch share a forward up to this many images
     oof_tta: bool = True
     submissions_dir: str = "submissions"
 
@@ -252,6 +253,34 @@ def to_yaml(cfg: Config) -> str:
 def config_hash(cfg: Config) -> str:
     """Short stable hash of the resolved config, to tell runs apart in manifests."""
     return hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:10]
+
+
+# what decides the trained models; paths of the test set, workers and the later stages do not
+TRAINING_SECTIONS = ("data", "folds", "model", "train")
+NOT_TRAINING = {"data.num_workers", "data.check_images", "data.test_csv", "data.test_images",
+                "data.sample_submission"}
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def training_settings(cfg: Config) -> dict[str, Any]:
+    """The flattened settings that shape a trained model (`data.batch_size`, `train.epochs`, ...)."""
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    flat = _flat({k: tree[k] for k in TRAINING_SECTIONS})
+    return {k: v for k, v in flat.items() if k not in NOT_TRAINING}
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """`key: old -> new` for each training setting that differs."""
+    a, b = training_settings(old), training_settings(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def save_config(cfg: Config, folder: str | Path, name: str = "config.yaml") -> Path:

@@ -75,7 +75,11 @@ def read_image(path: str, min_side: int | None = None) -> np.ndarray:
         data = np.fromfile(path, np.uint8)
     except OSError:
         raise BadImageError(f"{path}: cannot read image (missing or unreadable)") from None
-    image = cv2.imdecode(data, decode_flag(data[:65536].tobytes(), min_side)) if data.size else None
+    head = data[:65536].tobytes()
+    if head[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-32:].tobytes():
+        # OpenCV pads a truncated JPEG with grey and returns it without an error
+        raise BadImageError(f"{path}: truncated JPEG (no end-of-image marker): a partial copy?")
+    image = cv2.imdecode(data, decode_flag(head, min_side)) if data.size else None
     if image is None:
         raise BadImageError(f"{path}: cannot decode image (corrupt or not an image)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

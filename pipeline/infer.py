@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.cli import UserError
@@ -93,7 +94,8 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
     nets = [m.model for m in models]
     if views:
         ds = dataset_from_frame(frame, trained.data, eval_transform(trained.data))
-        index, logits = predict_logits(nets, make_loader(ds, batch, workers, False), views, desc=desc)
+        index, logits = predict_logits(nets, make_loader(ds, batch, workers, False), views, desc=desc,
+                                       max_forward_batch=cfg.infer.max_forward_batch)
         out[:, : len(views), index] = logits
     for p, (_, seed) in enumerate(passes[len(views):], start=len(views)):
         transform = train_transform(trained.data, trained.train.aug)
@@ -106,23 +108,20 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
     return out
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
-
-
 def write_submissions(cfg: Config, trained: Config, models: list[FoldModel], test: pd.DataFrame,
                       logits: np.ndarray) -> list[int]:
     """One numbered file per (model, pass) plus its manifest row; returns the numbers taken."""
     folder = Path(cfg.infer.submissions_dir)
     common = {"experiment": cfg.experiment, "checkpoint": cfg.infer.checkpoint,
               "config_hash": config_hash(trained), "git_commit": git_commit()}
+    missing = np.isnan(logits).any(axis=(0, 1))
+    if missing.any():  # checked before any file is written
+        raise UserError(f"{int(missing.sum())} test image(s) could not be read "
+                        f"({', '.join(test['image_name'][missing][:10])}); a submission needs every image")
     numbers = []
     for m, fm in enumerate(models):
         for p, (view, seed) in enumerate(tta_passes(cfg)):
-            pred = sigmoid(logits[m, p])
-            if np.isnan(pred).any():
-                raise UserError(f"fold {fm.fold}: {int(np.isnan(pred).sum())} test image(s) could not "
-                                "be read; a submission needs every image")
+            pred = expit(logits[m, p])
             df = pd.DataFrame({"image_name": test["image_name"].to_numpy(), "target": pred})
             n, path = write_numbered(df, folder)
             append_manifest(folder, {**common, "n": n, "file": path.name, "fold": fm.fold,
@@ -144,7 +143,7 @@ def oof_tta(cfg: Config, trained: Config, models: list[FoldModel]) -> pd.DataFra
         logits = predict_all(cfg, trained, [fm], valid, f"oof tta fold {fm.fold}")[0]
         part = valid[["image_name", "patient_id", "source", "target", "fold"]].copy()
         for name, row in zip(names, logits, strict=True):
-            part[name] = sigmoid(row)
+            part[name] = expit(row)
         part["pred_tta"] = combine_views(logits, cfg.infer.average)
         parts.append(part)
     oof = pd.concat(parts, ignore_index=True)

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 from torch import nn
 
 from pipeline.cli import UserError
@@ -36,12 +37,13 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         # some tiny/test models take no drop_path_rate
         kwargs.pop("drop_path_rate")
         return timm.create_model(cfg.backbone, pretrained=pretrained, **kwargs)
-    except RuntimeError as err:
+    except (RuntimeError, OSError) as err:  # OSError: hub cache miss offline
         if not timm.is_model(cfg.backbone):
             raise UserError(f"model.backbone={cfg.backbone!r} is not a timm model") from None
         raise UserError(
-            f"cannot load pretrained weights for {cfg.backbone!r} ({err}); offline, set "
-            "model.weights_path to a local file or model.pretrained=false"
+            f"cannot load pretrained weights for {cfg.backbone!r} ({type(err).__name__}: "
+            f"{str(err)[:200]}); download them once with HF_HUB_OFFLINE=0 (e.g. `make train-all "
+            "HF_HUB_OFFLINE=0`), or set model.weights_path to a local file, or model.pretrained=false"
         ) from None
 
 
@@ -114,11 +116,11 @@ class MelanomaModel(pl.LightningModule):
 
     def _watch_finite(self, loss: torch.Tensor) -> None:
         """Note the first step with a non-finite loss, on the device: no host sync per step."""
-        step = torch.tensor(self.global_step, device=loss.device)
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
         bad = ~torch.isfinite(loss.detach()) & (self._first_bad < 0)
-        self._first_bad = torch.where(bad, step, self._first_bad)
+        # a Python int as the other operand: no host-to-device copy, so no sync
+        self._first_bad = torch.where(bad, self.global_step, self._first_bad)
         self._lrs[self.global_step] = self.trainer.optimizers[0].param_groups[0]["lr"]
         if len(self._lrs) > 4 * self.trainer.log_every_n_steps:
             self._lrs.pop(next(iter(self._lrs)))
@@ -155,7 +157,7 @@ class MelanomaModel(pl.LightningModule):
             self.all_gather(torch.cat(t)).flatten().cpu().numpy() for t in zip(*self._val, strict=True)
         )
         self._val.clear()
-        probs = 1 / (1 + np.exp(-logits))
+        probs = expit(logits)
         is_2020 = is_2020.astype(bool)
         sanity = self.trainer.sanity_checking
         what = "sanity-check AUC" if sanity else f"fold {self.hparams.fold} val AUC"

@@ -27,16 +27,20 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 @torch.inference_mode()
 def predict_logits(
     models: Sequence[MelanomaModel], loader: DataLoader, views: Sequence[View | str],
-    device: torch.device | None = None, desc: str = "predict",
+    device: torch.device | None = None, desc: str = "predict", max_forward_batch: int = 512,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dataset row indices (N,) and logits (M, V, N): every model on every view of each batch.
 
-    Each image is decoded once however many models and views see it. Outputs stay on the
+    Each image is decoded once however many models and views see it; on CUDA up to
+    `max_forward_batch` images (views of one batch) go through a model together. Outputs stay on the
     device until the end, so the loop never waits on a copy back. Rows whose image was skipped
     as unreadable are absent from the indices.
     """
     device = device or default_device()
     models = [m.to(device).eval() for m in models]
+    if device.type == "cuda":
+        for m in models:
+            m.net.to(memory_format=torch.channels_last)
     dtype = amp_dtype(device)
     indices, logits = [], []
     for batch in tqdm(loader, desc=desc, leave=False, mininterval=2):
@@ -44,7 +48,8 @@ def predict_logits(
             continue
         images = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits.append(torch.stack([predict_views(m, m.normalize(images), views) for m in models]))
+            logits.append(torch.stack([predict_views(m, m.normalize(images), views, max_forward_batch)
+                                       for m in models]))
         indices.append(batch["index"])
     if not logits:
         return np.zeros(0, np.int64), np.zeros((len(models), len(views), 0), np.float32)

@@ -53,7 +53,7 @@ def summary_lines(cfg: Config) -> list[str]:
         lo, hi = cv["oof_auc_ci95"]
         lines.append(f"CV AUC (OOF, no TTA)      {cv['oof_auc']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"
                      f"  2020-only {cv['oof_auc_2020']:.4f}")
-    if tta:
+    if tta and {"tta", "identity"} <= set(tta["oof_auc"]):
         auc = tta["oof_auc"]
         lines.append(f"TTA on OOF                {auc['tta']:.4f}  (gain {auc['tta'] - auc['identity']:+.4f}"
                      " over no TTA)")

@@ -26,6 +26,7 @@ import pandas as pd
 
 from pipeline.cli import UserError
 from pipeline.config import Config
+from pipeline.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +172,6 @@ def cv_score(cfg: Config) -> float | None:
     else:
         return None
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
-
-def git_commit() -> str:
-    """Short hash of HEAD in the working directory, or "nogit"."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "nogit"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "nogit"
 
 
 def submission_message(cfg: Config, message: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
+from scipy.special import expit
 import torch
 from pytorch_lightning.callbacks import (
     Callback,
@@ -22,7 +23,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.cli import UserError
-from pipeline.config import Config, save_config
+from pipeline.config import Config, changed_settings, load_config, save_config
 from pipeline.data import (
     FoldDataModule,
     dataset_from_frame,
@@ -85,7 +86,7 @@ def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -
     loader = make_loader(ds, cfg.infer.batch_size, cfg.data.num_workers, train=False)
     index, logits = predict_logits([model], loader, ["identity"], desc=f"oof fold {fold}")
     pred = np.full(len(valid), np.nan)
-    pred[index] = 1 / (1 + np.exp(-logits[0, 0]))
+    pred[index] = expit(logits[0, 0])
     return valid.assign(pred=pred)[OOF_COLUMNS]
 
 
@@ -152,6 +153,20 @@ def format_cv_table(oof: pd.DataFrame, summary: dict) -> str:
     return "\n".join(rows)
 
 
+def check_same_training(cfg: Config) -> None:
+    """Refuse to add to or resume a run whose models were trained with other settings: resumed
+    schedules would not fit (OneCycle's length), and inference reads the run's saved config."""
+    path = cfg.run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    changed = changed_settings(load_config(path), cfg)
+    if changed:
+        raise UserError(
+            f"experiment {cfg.experiment!r} was trained with other settings ({path}): "
+            f"{'; '.join(changed[:10])}. Use a new name (experiment=...) or remove {cfg.run_dir}"
+        )
+
+
 def train_all(cfg: Config, folds_to_train: Sequence[int] | None = None) -> dict:
     """Train the chosen folds (default all), then summarise every finished fold of the run."""
     folds = read_folds(cfg)
@@ -160,6 +175,7 @@ def train_all(cfg: Config, folds_to_train: Sequence[int] | None = None) -> dict:
     unknown = sorted(set(chosen) - set(all_folds))
     if unknown:
         raise UserError(f"fold(s) {unknown} not in {cfg.folds.output} (folds: {all_folds})")
+    check_same_training(cfg)
     save_config(cfg, cfg.run_dir)
     for fold in chosen:
         train_fold(cfg, fold, folds)

@@ -118,7 +118,8 @@ def _flat_logits(out: Tensor, batch: int) -> Tensor:
 
 @torch.no_grad()
 def predict_views(
-    model_fn: Callable[[Tensor], Tensor], images: Tensor, views: Sequence[View | str]
+    model_fn: Callable[[Tensor], Tensor], images: Tensor, views: Sequence[View | str],
+    max_forward_batch: int = MAX_FORWARD_BATCH,
 ) -> Tensor:
     """Logits of `model_fn` on each view of one decoded batch: a `(V, B)` tensor on the batch's device.
 
@@ -133,7 +134,7 @@ def predict_views(
         return torch.stack([_flat_logits(model_fn(o), batch) for o in outs])
     # on a GPU several views per forward: far fewer kernel launches, which bound a small model;
     # on a CPU one view at a time keeps the activations in cache
-    per_forward = max(1, MAX_FORWARD_BATCH // batch) if images.is_cuda else 1
+    per_forward = max(1, max_forward_batch // batch) if images.is_cuda else 1
     chunks = [torch.cat(outs[i:i + per_forward]) for i in range(0, len(outs), per_forward)]
     logits = torch.cat([_flat_logits(model_fn(c), len(c)) for c in chunks])
     return logits.view(len(outs), batch)

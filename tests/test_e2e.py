@@ -82,3 +82,5 @@ def test_make_demo(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "hidden test AUC" in result.stderr
     assert (tmp_path / "repo/submissions/demo/ensemble.csv").is_file()
+    cv = json.loads((tmp_path / "repo/runs/demo/cv.json").read_text())
+    assert cv["oof_auc"] > 0.65  # clearly above chance on the generated set (ceiling ~0.9)

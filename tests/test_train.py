@@ -217,3 +217,25 @@ def test_smoke_run_with_one_step_warmup(tmp_path):
     rec = RecordLR()
     oof = train_fold(cfg, 0, folds, callbacks=[rec])
     assert len(rec.lrs) == 10 and oof["pred"].notna().all()
+
+
+def test_changed_training_settings_refused_but_workers_allowed(tiny):
+    folds, overrides = tiny
+    cfg = load_config(None, overrides + ["train.epochs=1"])
+    train_all(cfg, [0])
+    train_all(load_config(None, overrides + ["train.epochs=1", "data.num_workers=1"]), [0])
+    with pytest.raises(UserError, match=r"train.epochs: 1 -> 3.*data.batch_size|data.batch_size: 8 -> 4; train.epochs: 1 -> 3"):
+        train_all(load_config(None, overrides + ["train.epochs=3", "data.batch_size=4"]), [0])
+
+
+def test_truncated_jpeg_is_an_error(tmp_path):
+    import cv2
+
+    from pipeline.data import read_image
+
+    path = tmp_path / "t.jpg"
+    cv2.imwrite(str(path), np.full((64, 64, 3), 128, np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])  # a copy killed part-way
+    with pytest.raises(BadImageError, match="truncated JPEG"):
+        read_image(str(path))
