@@ -6,7 +6,6 @@ import logging
 import math
 from dataclasses import asdict
 
-import numpy as np
 import pytorch_lightning as pl
 import timm
 import torch

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
-from scipy.special import expit
 import torch
 from pytorch_lightning.callbacks import (
     Callback,
@@ -20,6 +19,7 @@ from pytorch_lightning.callbacks import (
     ModelCheckpoint,
 )
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from scipy.special import expit
 
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.cli import UserError
