@@ -335,7 +335,7 @@ def run_ensemble(cfg: Config) -> Path:
     groups = _groups(members)
     if e.method == "weighted":
         df, group_weights, auc = _blend_groups(groups, cfg)
-        source = "oof"
+        source = "oof_in_sample"  # weights fitted on the same OOF rows: optimistic
     else:
         df = blend_by_model(members, e.method, cfg.infer.average)
         # a group's files all count in the file-level blend, so its OOF weighs by its size
@@ -349,6 +349,7 @@ def run_ensemble(cfg: Config) -> Path:
     save_config(cfg, output.parent, output.stem + ".config.yaml")
     summary = _summary(e.method, groups, group_weights, auc, source)
     atomic_write_text(output.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
+    log.info("members: %s", ", ".join(Path(f).name for f in summary["files"]))
     for g in summary["groups"]:
         log.info("group %s/%s: folds %s, %d file(s), weight %.4f",
                  g["experiment"], g["view"], g["folds"], len(g["files"]), g["weight"])
