@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.cli import UserError
 from pipeline.config import Config, save_config
 from pipeline.submissions import MANIFEST_NAME, read_manifest, select_members
-from pipeline.tables import check_binary, check_unique, read_csv
+from pipeline.tables import check_binary, check_unique, read_csv, some
 from pipeline.tta import combine_views, percentile_ranks
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,6 @@ log = logging.getLogger(__name__)
 METHODS = ("mean", "rank", "weighted")
 OOF_NAME = "oof_tta.csv"
 SHOW = 5  # how many differing ids or bad rows an error lists
-
-
-def _some(values: Iterable[object]) -> str:
-    values = [str(v) for v in values]
-    more = f" (+{len(values) - SHOW} more)" if len(values) > SHOW else ""
-    return ", ".join(values[:SHOW]) + more
 
 
 def _check_method(method: str) -> None:
@@ -59,7 +53,7 @@ def _read_member(path: Path) -> pd.Series:
         shown = df.loc[bad, "target"].astype(str).tolist()
         raise UserError(
             f"{path}: column 'target' must hold finite numbers in [0, 1]; {int(bad.sum())} row(s) "
-            f"do not, at CSV line(s) {_some(lines)}: {_some(shown)}"
+            f"do not, at CSV line(s) {some(lines, SHOW)}: {some(shown, SHOW)}"
         )
     return pd.Series(values, index=df["image_name"].astype(str).to_numpy())
 
@@ -67,8 +61,8 @@ def _read_member(path: Path) -> pd.Series:
 def _id_mismatch(path: Path, first: Path, ids: set, ref: set) -> str:
     missing, extra = sorted(ref - ids), sorted(ids - ref)
     return (
-        f"{path}: image ids differ from {first}: {len(missing)} missing ({_some(missing)}), "
-        f"{len(extra)} extra ({_some(extra)})"
+        f"{path}: image ids differ from {first}: {len(missing)} missing ({some(missing, SHOW)}), "
+        f"{len(extra)} extra ({some(extra, SHOW)})"
     )
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 from pipeline.cli import UserError
 from pipeline.config import Config
 from pipeline.provenance import git_commit
+from pipeline.tables import some
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,6 @@ class CredentialsError(UserError):
 # ---- checking a submission -------------------------------------------------------------------
 
 
-def _examples(items: Sequence[str]) -> str:
-    more = f", ... (+{len(items) - SHOW} more)" if len(items) > SHOW else ""
-    return ", ".join(items[:SHOW]) + more
-
-
 def _sample_ids(sample_path: str | Path) -> pd.Series:
     path = Path(sample_path)
     if not path.is_file():
@@ -82,15 +78,15 @@ def _id_defects(ids: pd.Series, sample_ids: pd.Series, sample_path: str | Path) 
     if dups:
         lines = ids.groupby(ids, sort=False).groups
         shown = [f"{i} (lines {', '.join(str(n + 2) for n in lines[i])})" for i in dups]
-        defects.append(f"{len(dups)} duplicated id(s): {_examples(shown)}")
+        defects.append(f"{len(dups)} duplicated id(s): {some(shown, SHOW)}")
     present = set(ids)
     missing = [i for i in sample_ids if i not in present]
     if missing:
-        defects.append(f"{len(missing)} id(s) of {sample_path} missing: {_examples(missing)}")
+        defects.append(f"{len(missing)} id(s) of {sample_path} missing: {some(missing, SHOW)}")
     expected = set(sample_ids)
     extra = [f"{i!r} (line {n + 2})" for n, i in enumerate(ids) if i not in expected]
     if extra:
-        defects.append(f"{len(extra)} id(s) not in {sample_path}: {_examples(extra)}")
+        defects.append(f"{len(extra)} id(s) not in {sample_path}: {some(extra, SHOW)}")
     return defects
 
 
@@ -111,7 +107,7 @@ def _target_defects(ids: pd.Series, raw: pd.Series) -> tuple[pd.Series, list[str
         if bad.any():
             shown = [f"{i} (line {n + 2}: {v!r})" for n, i, v in zip(
                 bad[bad].index, ids[bad], raw[bad], strict=True)]
-            defects.append(f"{len(shown)} {what}: {_examples(shown)}")
+            defects.append(f"{len(shown)} {what}: {some(shown, SHOW)}")
     return values.astype("float64"), defects
 
 

@@ -22,10 +22,11 @@ def _rows(index: Iterable[int]) -> str:
     return ", ".join(lines[:SHOW]) + more
 
 
-def _names(values: Iterable[object]) -> str:
+def some(values: Iterable[object], show: int = SHOW) -> str:
+    """The first `show` values, comma-separated, then how many more: for error messages."""
     values = [str(v) for v in values]
-    more = f" (+{len(values) - SHOW} more)" if len(values) > SHOW else ""
-    return ", ".join(values[:SHOW]) + more
+    more = f" (+{len(values) - show} more)" if len(values) > show else ""
+    return ", ".join(values[:show]) + more
 
 
 def read_csv(path: str | Path, required: Iterable[str]) -> pd.DataFrame:
@@ -55,7 +56,7 @@ def check_unique(df: pd.DataFrame, column: str, path: str | Path) -> None:
     if dup.any():
         names = sorted(set(df.loc[dup, column]))
         raise UserError(
-            f"{path}: {len(names)} duplicate value(s) in column {column!r}: {_names(names)} "
+            f"{path}: {len(names)} duplicate value(s) in column {column!r}: {some(names)} "
             f"at CSV line(s) {_rows(df.index[dup])}"
         )
 
@@ -65,7 +66,7 @@ def check_binary(df: pd.DataFrame, column: str, path: str | Path) -> pd.Series:
     values = pd.to_numeric(df[column], errors="coerce")
     bad = ~values.isin([0, 1])
     if bad.any():
-        shown = _names(df.loc[bad, column].astype(str).head(SHOW))
+        shown = some(df.loc[bad, column].astype(str).head(SHOW))
         raise UserError(
             f"{path}: column {column!r} must be 0 or 1; {int(bad.sum())} row(s) are not, "
             f"at CSV line(s) {_rows(df.index[bad])}: {shown}"
@@ -81,5 +82,5 @@ def check_files_exist(paths: pd.Series, names: pd.Series, source: str) -> None:
         folder = Path(paths[~exists].iloc[0]).parent
         raise UserError(
             f"{source}: {len(missing)} of {len(paths)} listed image(s) missing on disk "
-            f"(looked in {folder}): {_names(missing)}"
+            f"(looked in {folder}): {some(missing)}"
         )
