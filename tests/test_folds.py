@@ -121,3 +121,13 @@ def test_missing_patient_ids_become_own_groups(caplog):
     assert folds["fold"].between(0, 2).all()
     assert folds.loc[0, "patient_id"] == "image:IMG_0_0"
     check_folds(folds)
+
+
+def test_at_least_as_balanced_as_the_public_tfrecord_folds(real_folds, real_data):
+    public = pd.read_csv(real_data / "train_cdeotte_jpeg-melanoma_tfrecord_folds.csv")
+    public = public[public.tfrecord >= 0].assign(fold=lambda d: d.tfrecord % 5, source="isic2020")
+    check_folds(public)
+    ours, theirs = audit(real_folds), audit(public)
+    spread = lambda a, col: a[col].max() - a[col].min()  # noqa: E731
+    assert spread(ours, "pos_rate_%") <= spread(theirs, "pos_rate_%")
+    assert spread(ours, "images") <= spread(theirs, "images")
