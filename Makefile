@@ -75,7 +75,7 @@ report: $(STAMP) ## CV AUC, TTA gain on OOF, final CSV (and hidden test AUC on g
 submit: $(STAMP) ## check, then kaggle competitions submit: make submit MSG="..."
 	$(call RUN,submit) --message "$(MSG)"
 
-download: $(STAMP) ## fetch the competition and external data into data/ with the kaggle CLI
+download: $(STAMP) ## kaggle CLI: competition CSVs + 512-px 2020 and ISIC 2019 JPEGs into data/
 	$(call RUN,download)
 
 bench: $(STAMP) ## speed figures: Lightning vs plain loop, loader vs cv2, TTA vs forward rate

@@ -62,8 +62,8 @@ class DataConfig:
     train_csv: str = "data/train.csv"
     test_csv: str = "data/test.csv"
     sample_submission: str = "data/sample_submission.csv"
-    train_images: str = "data/jpeg/train"
-    test_images: str = "data/jpeg/test"
+    train_images: str = "data/jpeg512/train"  # where `make download` puts the 512-px JPEGs
+    test_images: str = "data/jpeg512/test"
     image_ext: str = ".jpg"
     external: list[ExternalConfig] = field(default_factory=list)
     duplicates_csv: str | None = None

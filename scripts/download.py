@@ -1,4 +1,4 @@
-"""`make download`: competition data and the external ISIC 2019 JPEGs into data/ with the kaggle CLI."""
+"""`make download`: competition CSVs and 512-px JPEGs (2020, ISIC 2019) into data/ via the kaggle CLI."""
 
 from pipeline.cli import run
 from pipeline.download import download

@@ -11,6 +11,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 quiet_third_party()
 
+pytest_plugins = ["tests.fake_kaggle"]  # the fake Kaggle server fixtures
+
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
 

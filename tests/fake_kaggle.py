@@ -19,10 +19,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import secrets
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
+
+import pytest
+
+from pipeline.cli import UserError
+from pipeline.submit import kaggle_executable
 
 API = "/api/v1/"
 COMPETITIONS = API + "competitions.CompetitionApiService/"
@@ -185,3 +193,44 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
         do_GET = do_POST = do_PUT = _handle
 
     return Handler
+
+
+# ---- fixtures (registered for every test module through conftest's pytest_plugins) ----------
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch) -> Path:
+    """An empty HOME and no KAGGLE_* variables, so nothing of this machine's setup leaks in."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in list(os.environ):
+        if name.startswith("KAGGLE_") or name in ("XDG_CONFIG_HOME", "VERBOSE", "VERBOSE_OUTPUT"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def key() -> str:
+    return secrets.token_hex(16)
+
+
+@pytest.fixture
+def fake_kaggle(clean_env, monkeypatch, key):
+    """A fake Kaggle API on 127.0.0.1, the real CLI pointed at it, credentials testuser/<key>."""
+    try:
+        kaggle_executable()
+    except UserError:
+        pytest.skip("kaggle CLI not installed")
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(clean_env / ".kaggle"))
+    monkeypatch.setenv("KAGGLE_USERNAME", "testuser")
+    monkeypatch.setenv("KAGGLE_KEY", key)
+    server = FakeKaggle().start()
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        yield server
+    finally:
+        server.stop()

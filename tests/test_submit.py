@@ -1,12 +1,9 @@
 """Submission checks, the submit message, Kaggle credentials, and the real kaggle CLI against a fake server."""
 
 import base64
-import io
 import json
 import logging
-import secrets
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +12,17 @@ import pytest
 
 from pipeline.cli import UserError
 from pipeline.config import Config
-from pipeline.download import EXTERNAL_DATASET, download
 from pipeline.submit import (
     CredentialsError,
     Redactor,
     SubmissionError,
     check_submission,
     find_kaggle_credentials,
-    git_commit,
-    kaggle_executable,
     run_kaggle,
     submission_message,
     submit,
 )
 from tests.conftest import REAL
-from tests.fake_kaggle import FakeKaggle
 
 IDS = [f"ISIC_{i:04d}" for i in range(20)]
 COMPETITION = "siim-isic-melanoma-classification"
@@ -192,31 +185,7 @@ def test_message_without_any_cv_and_empty_message(cfg):
         submission_message(cfg, " ")
 
 
-def test_git_commit_outside_a_repository(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
-    assert git_commit() == "nogit"
-
-
 # ---- credentials -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def clean_env(tmp_path, monkeypatch) -> Path:
-    """An empty HOME and no KAGGLE_* variables, so nothing of this machine's setup leaks in."""
-    home = tmp_path / "home"
-    home.mkdir()
-    import os
-    for name in list(os.environ):
-        if name.startswith("KAGGLE_") or name in ("XDG_CONFIG_HOME", "VERBOSE", "VERBOSE_OUTPUT"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HOME", str(home))
-    return home
-
-
-@pytest.fixture
-def key() -> str:
-    return secrets.token_hex(16)
 
 
 def test_no_credentials_is_a_clear_error(clean_env):
@@ -288,33 +257,12 @@ def test_run_kaggle_times_out_and_redacts(monkeypatch, key):
     monkeypatch.setattr("pipeline.submit.kaggle_executable", lambda: sys.executable)
     monkeypatch.setenv("FAKE_SECRET", key)
     code = "import os, time; print('token', os.environ['FAKE_SECRET'], flush=True); time.sleep(30)"
-    with pytest.raises(UserError, match=r"timed out after 1 s .*token \*\*\*") as err:
-        run_kaggle(["-c", code], [key], timeout=1)
+    with pytest.raises(UserError, match=r"timed out after 5 s .*token \*\*\*") as err:
+        run_kaggle(["-c", code], [key], timeout=5)
     assert key not in str(err.value)
 
 
 # ---- the real kaggle CLI against a fake Kaggle -----------------------------------------------
-
-
-@pytest.fixture
-def fake_kaggle(clean_env, monkeypatch, key):
-    """A fake Kaggle API on 127.0.0.1, the real CLI pointed at it, credentials testuser/<key>."""
-    try:
-        kaggle_executable()
-    except UserError:
-        pytest.skip("kaggle CLI not installed")
-    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(clean_env / ".kaggle"))
-    monkeypatch.setenv("KAGGLE_USERNAME", "testuser")
-    monkeypatch.setenv("KAGGLE_KEY", key)
-    server = FakeKaggle().start()
-    try:
-        for name, value in server.env().items():
-            monkeypatch.setenv(name, value)
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.timeout(60)
@@ -364,55 +312,3 @@ def test_cli_failure_is_a_user_error_without_the_key(fake_kaggle, cfg, key, endp
     basic = base64.b64encode(f"testuser:{key}".encode()).decode()
     everything = message + caplog.text + "".join(capsys.readouterr())
     assert key not in everything and basic not in everything
-
-
-def zip_bytes(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, text in files.items():
-            zf.writestr(name, text)
-    return buf.getvalue()
-
-
-@pytest.mark.timeout(60)
-def test_download_fetches_unzips_and_skips_when_done(fake_kaggle, tmp_path, key, capsys):
-    fake_kaggle.serve_file(f"{COMPETITION}.zip", zip_bytes({
-        "train.csv": "image_name,target\n", "test.csv": "image_name\n",
-        "sample_submission.csv": "image_name,target\n", "jpeg/train/A.jpg": "a",
-        "jpeg/test/B.jpg": "b", "train/A.dcm": "dicom", "tfrecords/train00.tfrec": "tf",
-    }))
-    dataset = EXTERNAL_DATASET.split("/")[1]
-    fake_kaggle.serve_file(f"{dataset}.zip", zip_bytes({"train.csv": "x\n", "train/C.jpg": "c"}))
-    cfg = Config()
-    cfg.data.train_csv = str(tmp_path / "data" / "train.csv")
-    data = download(cfg)
-
-    assert data == tmp_path / "data"
-    for name in ["train.csv", "test.csv", "sample_submission.csv", "jpeg/train/A.jpg",
-                 "jpeg/test/B.jpg", "external/train.csv", "external/train/C.jpg"]:
-        assert (data / name).is_file(), name
-    assert not (data / "train").exists() and not (data / "tfrecords").exists()
-    assert not list(data.rglob("*.zip"))
-    assert fake_kaggle.calls("/DownloadDataFiles")[0].json() == {"competitionName": COMPETITION}
-    owner, slug = EXTERNAL_DATASET.split("/")
-    assert fake_kaggle.calls("/DownloadDataset")[0].json()["datasetSlug"] == slug
-    assert key not in "".join(capsys.readouterr())
-
-    n_requests = len(fake_kaggle.requests)
-    download(cfg)
-    assert len(fake_kaggle.requests) == n_requests
-
-
-@pytest.mark.timeout(60)
-def test_download_failure_hints_at_the_rules(fake_kaggle, tmp_path):
-    fake_kaggle.fail("DownloadDataFiles", status=403)
-    cfg = Config()
-    cfg.data.train_csv = str(tmp_path / "data" / "train.csv")
-    with pytest.raises(UserError, match=f"failed .*competitions/{COMPETITION}/rules"):
-        download(cfg)
-
-
-def test_download_without_credentials(clean_env, tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.download.run_kaggle", lambda *a, **k: pytest.fail("CLI was run"))
-    with pytest.raises(CredentialsError):
-        download(Config())
