@@ -139,6 +139,7 @@ class TrainConfig:
     devices: Any = 1
     seed: int = 42
     early_stopping_patience: int | None = None
+    progress_bar: bool = True
     limit_train_batches: float | None = None
     limit_val_batches: float | None = None
     bootstrap: int = 1000

@@ -56,13 +56,18 @@ def patient_bootstrap_ci(df: pd.DataFrame, n: int, seed: int = 0, pred: str = "p
     return float(lo), float(hi)
 
 
+def _mean_finite(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def cv_summary(oof: pd.DataFrame, bootstrap: int, seed: int = 0) -> dict:
     """Per-fold AUC, overall OOF AUC, 2020-only AUC and a patient-bootstrap 95% interval."""
     per_fold = {int(f): safe_auc(g["target"], g["pred"], f"fold {f}") for f, g in oof.groupby("fold")}
     lo, hi = patient_bootstrap_ci(oof, bootstrap, seed)
     return {
         "folds": per_fold,
-        "mean_fold_auc": float(np.nanmean(list(per_fold.values()))) if per_fold else math.nan,
+        "mean_fold_auc": _mean_finite(per_fold.values()),
         "oof_auc": safe_auc(oof["target"], oof["pred"], "OOF"),
         "oof_auc_2020": auc_2020(oof),
         "oof_auc_ci95": [lo, hi],

@@ -54,6 +54,6 @@ def make_tiny_set(root: Path, n_patients: int = 12, per_patient: int = 4, size: 
         "model.backbone=test_efficientnet", "model.pretrained=false",
         f"data.image_size={size}", f"data.crop_size={size - 8}", "data.batch_size=8",
         "data.num_workers=0", "train.epochs=2", "train.lr=0.01", "train.bootstrap=20",
-        "infer.batch_size=16",
+        "infer.batch_size=16", "train.progress_bar=false",
     ]
     return folds, overrides
