@@ -171,6 +171,7 @@ class EnsembleConfig:
     views: list[str] = field(default_factory=list)
     n_min: int | None = None
     n_max: int | None = None
+    numbers: list[int] = field(default_factory=list)  # exact submission numbers (empty: all)
     output: str = "submissions/ensemble.csv"
 
 

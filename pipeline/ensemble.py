@@ -252,7 +252,7 @@ def _describe_filters(cfg: Config) -> str:
     e = cfg.ensemble
     return (
         f"experiments={list(e.experiments)}, folds={list(e.folds)}, views={list(e.views)}, "
-        f"n_min={e.n_min}, n_max={e.n_max}"
+        f"n_min={e.n_min}, n_max={e.n_max}, numbers={list(e.numbers)}"
     )
 
 
@@ -262,7 +262,7 @@ def _select(cfg: Config) -> pd.DataFrame:
     e = cfg.ensemble
     if manifest.empty:
         raise UserError(f"no submissions recorded in {folder / MANIFEST_NAME}; run inference first")
-    members = select_members(manifest, e.experiments, e.folds, e.views, e.n_min, e.n_max)
+    members = select_members(manifest, e.experiments, e.folds, e.views, e.n_min, e.n_max, e.numbers)
     if members.empty:
         raise UserError(
             f"no submissions in {folder / MANIFEST_NAME} ({len(manifest)} recorded) match the "

@@ -176,7 +176,7 @@ def run_infer(cfg: Config) -> Path:
         log.info("TTA on out-of-fold images (%s of views):\n%s", cfg.infer.average,
                  table.to_string(float_format="%.4f"))
     cfg.ensemble.experiments = [cfg.experiment]
-    cfg.ensemble.n_min, cfg.ensemble.n_max = min(numbers), max(numbers)
+    cfg.ensemble.numbers = numbers  # exactly this run's files, even if another run wrote meanwhile
     output = run_ensemble(cfg)
     log.info("final submission: %s\nupload with:\n  kaggle competitions submit %s -f %s -m \"...\""
              "\n(or `make submit MSG=...`, which checks it first and adds the CV and commit)",

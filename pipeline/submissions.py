@@ -153,10 +153,11 @@ def select_members(
     views: Sequence[str] = (),
     n_min: int | None = None,
     n_max: int | None = None,
+    numbers: Sequence[int] = (),
 ) -> pd.DataFrame:
     """Manifest rows matching every filter, sorted by n; an empty filter or None bound matches all.
 
-    `n_min` and `n_max` bound the submission number, inclusive.
+    `n_min` and `n_max` bound the submission number, inclusive; `numbers` lists exact ones.
     """
     keep = pd.Series(True, index=manifest.index)
     if experiments:
@@ -169,4 +170,6 @@ def select_members(
         keep &= (manifest["n"] >= n_min).fillna(False).astype(bool)
     if n_max is not None:
         keep &= (manifest["n"] <= n_max).fillna(False).astype(bool)
+    if numbers:
+        keep &= manifest["n"].isin([int(n) for n in numbers]).fillna(False).astype(bool)
     return manifest[keep.astype(bool)].sort_values("n", kind="stable").reset_index(drop=True)

@@ -251,6 +251,7 @@ def _manifest(tmp_path) -> pd.DataFrame:
         ({"experiments": ["exp_a", "exp_b"], "views": ["identity"], "folds": [0, 2]}, [1, 4, 6]),
         ({"n_min": 2, "n_max": 4}, [2, 3, 4]),
         ({"n_min": 5}, [5, 6]),
+        ({"numbers": [6, 2, 9]}, [2, 6]),
         ({"experiments": ["nope"]}, []),
     ],
 )
