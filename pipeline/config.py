@@ -140,6 +140,7 @@ class TrainConfig:
     seed: int = 42
     early_stopping_patience: int | None = None
     progress_bar: bool = True
+    log_every_n_steps: int = 50  # each logged step (and divergence check) syncs the GPU once
     limit_train_batches: float | None = None
     limit_val_batches: float | None = None
     bootstrap: int = 1000

@@ -75,7 +75,7 @@ def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) ->
         accelerator=t.accelerator, devices=t.devices,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         callbacks=extra, logger=[CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tb")],
-        log_every_n_steps=10, enable_model_summary=False, enable_progress_bar=t.progress_bar,
+        log_every_n_steps=t.log_every_n_steps, enable_model_summary=False, enable_progress_bar=t.progress_bar,
         **limits,
     )
 
