@@ -90,7 +90,7 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
     passes = tta_passes(cfg)
     views = [v for v, seed in passes if seed is None]
     out = np.full((len(models), len(passes), len(frame)), np.nan, np.float32)
-    batch, workers = cfg.infer.batch_size, trained.data.num_workers
+    batch, workers = cfg.infer.batch_size, cfg.data.num_workers  # image settings: trained
     nets = [m.model for m in models]
     if views:
         ds = dataset_from_frame(frame, trained.data, eval_transform(trained.data))
