@@ -105,6 +105,7 @@ class ModelConfig:
     weights_path: str | None = None
     drop_rate: float = 0.2
     drop_path_rate: float = 0.1
+    metadata: bool = False  # sex, age and site through a small MLP beside the image features
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from pipeline.cli import UserError
 from pipeline.config import AugConfig, Config, DataConfig
 from pipeline.merge import COMPETITION_SOURCE
+from pipeline.metadata import encode_metadata
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths, targets=None, is_2020=None, transform: A.Compose | None = None,
-                 skip_bad: bool = False, min_side: int | None = None):
+                 skip_bad: bool = False, min_side: int | None = None, meta=None):
         self.paths = np.asarray(paths, dtype=np.bytes_)
         n = len(self.paths)
         self.targets = np.zeros(n, np.float32) if targets is None else np.asarray(targets, np.float32)
@@ -133,6 +134,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.skip_bad = skip_bad
         self.min_side = min_side
+        self.meta = None if meta is None else np.asarray(meta, np.float32)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -148,12 +150,15 @@ class ImageDataset(Dataset):
             return None
         if self.transform is not None:
             image = self.transform(image=image)["image"]
-        return {
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "target": self.targets[i],
             "is_2020": self.is_2020[i],
             "index": i,
         }
+        if self.meta is not None:
+            item["meta"] = torch.from_numpy(self.meta[i])
+        return item
 
 
 def collate(items: list[dict | None]) -> dict:
@@ -174,12 +179,14 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool
     )
 
 
-def dataset_from_frame(df: pd.DataFrame, data: DataConfig, transform: A.Compose) -> ImageDataset:
-    """A dataset over a table's `image_path` (and `target`, `source` where present)."""
+def dataset_from_frame(df: pd.DataFrame, data: DataConfig, transform: A.Compose,
+                       metadata: bool = False) -> ImageDataset:
+    """A dataset over a table's `image_path` (and `target`, `source`, metadata where present)."""
     targets = df["target"].to_numpy() if "target" in df else None
     is_2020 = (df["source"] == COMPETITION_SOURCE).to_numpy() if "source" in df else None
     return ImageDataset(df["image_path"].to_numpy(), targets, is_2020, transform,
-                        data.skip_bad_images, data.image_size if data.reduced_decode else None)
+                        data.skip_bad_images, data.image_size if data.reduced_decode else None,
+                        encode_metadata(df) if metadata else None)
 
 
 @dataclass
@@ -209,10 +216,11 @@ class FoldDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        ds = dataset_from_frame(self.split.train, d, train_transform(d, self.cfg.train.aug))
+        ds = dataset_from_frame(self.split.train, d, train_transform(d, self.cfg.train.aug),
+                                self.cfg.model.metadata)
         return make_loader(ds, d.batch_size, d.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        ds = dataset_from_frame(self.split.valid, d, eval_transform(d))
+        ds = dataset_from_frame(self.split.valid, d, eval_transform(d), self.cfg.model.metadata)
         return make_loader(ds, d.batch_size, d.num_workers, train=False)

@@ -93,14 +93,14 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
     batch, workers = cfg.infer.batch_size, cfg.data.num_workers  # image settings: trained
     nets = [m.model for m in models]
     if views:
-        ds = dataset_from_frame(frame, trained.data, eval_transform(trained.data))
+        ds = dataset_from_frame(frame, trained.data, eval_transform(trained.data), trained.model.metadata)
         index, logits = predict_logits(nets, make_loader(ds, batch, workers, False), views, desc=desc,
                                        max_forward_batch=cfg.infer.max_forward_batch)
         out[:, : len(views), index] = logits
     for p, (_, seed) in enumerate(passes[len(views):], start=len(views)):
         transform = train_transform(trained.data, trained.train.aug)
         transform.set_random_seed(seed)
-        ds = dataset_from_frame(frame, trained.data, transform)
+        ds = dataset_from_frame(frame, trained.data, transform, trained.model.metadata)
         # one process: the seeded augmentation stream is then reproducible
         index, logits = predict_logits(nets, make_loader(ds, batch, 0, False), ["identity"],
                                        desc=f"{desc} seed {seed}")

@@ -126,12 +126,15 @@ def merge_tables(data: DataConfig) -> pd.DataFrame:
 
 
 def load_test(data: DataConfig) -> pd.DataFrame:
-    """The test CSV with the path of each image, checked like the training table."""
+    """The test CSV with the path and metadata of each image, checked like the training table."""
     c = data.columns
     df = read_csv(data.test_csv, [c.image])
     check_unique(df, c.image, data.test_csv)
     out = pd.DataFrame({
         "image_name": df[c.image],
+        "sex": _optional(df, c.sex),
+        "age_approx": pd.to_numeric(_optional(df, c.age), errors="coerce"),
+        "anatom_site": _optional(df, c.site),
         "image_path": image_paths(df[c.image], data.test_images, data.image_ext),
     })
     check_files_exist(out["image_path"], out["image_name"], f"test set {data.test_csv}")

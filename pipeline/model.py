@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.cli import UserError
 from pipeline.config import ModelConfig, TrainConfig
+from pipeline.metadata import N_FEATURES
 from pipeline.metrics import safe_auc
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,10 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
-def create_backbone(cfg: ModelConfig) -> nn.Module:
-    """A timm model with a single-logit head; local weights via `weights_path`, no hub at run time."""
-    kwargs = {"num_classes": 1, "drop_rate": cfg.drop_rate, "drop_path_rate": cfg.drop_path_rate}
+def create_backbone(cfg: ModelConfig, num_classes: int = 1) -> nn.Module:
+    """A timm model with a single-logit head (or pooled features with `num_classes=0`);
+    local weights via `weights_path`, no hub at run time."""
+    kwargs = {"num_classes": num_classes, "drop_rate": cfg.drop_rate, "drop_path_rate": cfg.drop_path_rate}
     pretrained = cfg.pretrained or cfg.weights_path is not None
     if cfg.weights_path:
         kwargs["pretrained_cfg_overlay"] = {"file": cfg.weights_path}
@@ -46,6 +48,20 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         ) from None
 
 
+class MetaHead(nn.Module):
+    """Pooled image features and the metadata vector (through a small MLP) → one logit."""
+
+    def __init__(self, n_features: int, n_meta: int = N_FEATURES, hidden: int = 32, drop: float = 0.0):
+        super().__init__()
+        self.meta = nn.Sequential(nn.Linear(n_meta, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(n_features + hidden, 1)
+
+    def forward(self, features: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        meta = self.meta(meta.to(features.dtype))
+        return self.fc(self.drop(torch.cat([features, meta], dim=1)))
+
+
 def smooth(targets: torch.Tensor, amount: float) -> torch.Tensor:
     """Label smoothing for a binary target: 0 → amount/2, 1 → 1 - amount/2."""
     return targets * (1 - amount) + 0.5 * amount
@@ -58,7 +74,9 @@ class MelanomaModel(pl.LightningModule):
         self.save_hyperparameters()
         self.model_cfg = ModelConfig(**model)
         self.train_cfg = TrainConfig(**{k: v for k, v in train.items() if k != "aug"})
-        self.net = create_backbone(self.model_cfg)
+        meta = self.model_cfg.metadata
+        self.net = create_backbone(self.model_cfg, num_classes=0 if meta else 1)
+        self.meta_head = MetaHead(self.net.num_features, drop=self.model_cfg.drop_rate) if meta else None
         data_cfg = timm.data.resolve_data_config({}, model=self.net)
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1) * 255, persistent=False)
@@ -81,19 +99,24 @@ class MelanomaModel(pl.LightningModule):
         x = images.permute(0, 3, 1, 2).float()
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images → one logit per image.
+    def forward(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised images (and their metadata, for a model trained with it) → one logit each.
 
         Flipped or transposed views arrive with permuted strides; one cheap copy into the
         layout the convolutions run fastest on (channels-last, on CUDA and CPU alike) keeps every
         view at full speed.
         """
-        return self.net(x.contiguous(memory_format=torch.channels_last)).squeeze(1)
+        out = self.net(x.contiguous(memory_format=torch.channels_last))
+        if self.meta_head is None:
+            return out.squeeze(1)
+        if meta is None:
+            raise ValueError("this model was trained with model.metadata=true: pass the metadata")
+        return self.meta_head(out, meta).squeeze(1)
 
     def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The one step train, validation and test share: (loss, logits, targets)."""
         self.skipped += int(batch.get("n_skipped", 0))
-        logits = self(self.normalize(batch["image"]))
+        logits = self(self.normalize(batch["image"]), batch.get("meta"))
         targets = batch["target"].float()
         loss = F.binary_cross_entropy_with_logits(
             logits.float(), smooth(targets, self.train_cfg.label_smoothing), pos_weight=self.pos_weight

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,13 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def with_meta(model: MelanomaModel, meta: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model as a function of images alone; views stacked k-fold get the metadata k times."""
+    if meta is None:
+        return model
+    return lambda x: model(x, meta.repeat(x.shape[0] // meta.shape[0], 1))
 
 
 @torch.inference_mode()
@@ -47,9 +54,11 @@ def predict_logits(
         if batch["image"].numel() == 0:
             continue
         images = batch["image"].to(device, non_blocking=True)
+        meta = batch["meta"].to(device, non_blocking=True) if "meta" in batch else None
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits.append(torch.stack([predict_views(m, m.normalize(images), views, max_forward_batch)
-                                       for m in models]))
+            logits.append(torch.stack([
+                predict_views(with_meta(m, meta), m.normalize(images), views, max_forward_batch)
+                for m in models]))
         indices.append(batch["index"])
     if not logits:
         return np.zeros(0, np.int64), np.zeros((len(models), len(views), 0), np.float32)

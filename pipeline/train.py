@@ -83,7 +83,7 @@ def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) ->
 def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -> pd.DataFrame:
     """Predictions of `checkpoint` on its fold's validation images, one row per image."""
     model = load_model(str(checkpoint), cfg.model)
-    ds = dataset_from_frame(valid, cfg.data, eval_transform(cfg.data))
+    ds = dataset_from_frame(valid, cfg.data, eval_transform(cfg.data), cfg.model.metadata)
     loader = make_loader(ds, cfg.infer.batch_size, cfg.data.num_workers, train=False)
     index, logits = predict_logits([model], loader, ["identity"], desc=f"oof fold {fold}")
     pred = np.full(len(valid), np.nan)

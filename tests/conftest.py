@@ -44,9 +44,10 @@ def make_tiny_set(root: Path, n_patients: int = 12, per_patient: int = 4, size: 
             cv2.circle(img, (size // 2, size // 2), radius, (40, 30, 20), -1)
             cv2.imwrite(str(images / f"{name}.jpg"), img)
             rows.append((name, f"IP_{p}", target, "isic2020", str(images / f"{name}.jpg"),
-                         p % n_folds))
+                         p % n_folds, ("male", "female")[p % 2], 30 + 5 * (p % 8),
+                         ("torso", "head/neck", None)[i % 3]))
     folds = pd.DataFrame(rows, columns=["image_name", "patient_id", "target", "source",
-                                        "image_path", "fold"])
+                                        "image_path", "fold", "sex", "age_approx", "anatom_site"])
     path = root / "folds.csv"
     folds.to_csv(path, index=False)
     overrides = [
