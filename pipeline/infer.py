@@ -112,8 +112,8 @@ def write_submissions(cfg: Config, trained: Config, models: list[FoldModel], tes
                       logits: np.ndarray) -> list[int]:
     """One numbered file per (model, pass) plus its manifest row; returns the numbers taken."""
     folder = Path(cfg.infer.submissions_dir)
-    common = {"experiment": cfg.experiment, "checkpoint": cfg.infer.checkpoint,
-              "config_hash": config_hash(trained), "git_commit": git_commit()}
+    common = {"experiment": cfg.experiment, "config_hash": config_hash(trained),
+              "git_commit": git_commit()}
     missing = np.isnan(logits).any(axis=(0, 1))
     if missing.any():  # checked before any file is written
         raise UserError(f"{int(missing.sum())} test image(s) could not be read "
@@ -125,6 +125,7 @@ def write_submissions(cfg: Config, trained: Config, models: list[FoldModel], tes
             df = pd.DataFrame({"image_name": test["image_name"].to_numpy(), "target": pred})
             n, path = write_numbered(df, folder)
             append_manifest(folder, {**common, "n": n, "file": path.name, "fold": fm.fold,
+                                     "checkpoint": str(fm.checkpoint),
                                      "view": view, "seed": "" if seed is None else seed,
                                      "cv_auc": fm.cv_auc})
             numbers.append(n)

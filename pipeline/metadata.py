@@ -12,7 +12,6 @@ import pandas as pd
 
 SITES = ["head/neck", "upper extremity", "lower extremity", "torso", "palms/soles", "oral/genital"]
 SITE_ALIASES = {"anterior torso": "torso", "posterior torso": "torso", "lateral torso": "torso"}
-META_COLUMNS = ("sex", "age_approx", "anatom_site")
 N_FEATURES = 3 + 2 + len(SITES) + 1  # sex (male, female, missing), age (+missing), site (+missing)
 
 
