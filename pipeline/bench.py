@@ -28,7 +28,13 @@ from pytorch_lightning.callbacks import Callback
 
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Config, FoldsConfig, SyntheticConfig
-from pipeline.data import ImageDataset, eval_transform, make_loader, train_transform
+from pipeline.data import (
+    ImageDataset,
+    decode_min_side,
+    eval_transform,
+    make_loader,
+    train_transform,
+)
 from pipeline.ensemble import blend_by_model
 from pipeline.folds import make_folds
 from pipeline.model import MelanomaModel
@@ -84,7 +90,7 @@ def bench_cfg(cfg: Config) -> Config:
 def train_dataset(cfg: Config, paths: np.ndarray) -> ImageDataset:
     targets = np.arange(len(paths)) % 5 == 0
     return ImageDataset(paths, targets, None, train_transform(cfg.data, cfg.train.aug),
-                        min_side=cfg.data.image_size if cfg.data.reduced_decode else None)
+                        min_side=decode_min_side(cfg.data))
 
 
 class StepTimer(Callback):
@@ -222,7 +228,7 @@ def tta_rates(cfg: Config, paths: np.ndarray, device: torch.device) -> dict:
                 model(view.forward(model.normalize(images)))
         rates[f"forward_{name}"] = batch / per_call(forward, 2, 5, device)
     ds = ImageDataset(paths, None, None, eval_transform(cfg.data),
-                      min_side=cfg.data.image_size if cfg.data.reduced_decode else None)
+                      min_side=decode_min_side(cfg.data))
     loader = make_loader(ds, batch, b.num_workers, train=False)  # workers persist across passes
     predict_logits([model], loader, ["identity"], device, desc="warm-up")
     for label, views in (("tta_1view", ["identity"]), ("tta_8views", list(VIEWS))):

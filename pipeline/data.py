@@ -179,13 +179,18 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool
     )
 
 
+def decode_min_side(data: DataConfig) -> int | None:
+    """The short side a JPEG must keep when decoded at reduced scale (None: full decode)."""
+    return data.image_size if data.reduced_decode else None
+
+
 def dataset_from_frame(df: pd.DataFrame, data: DataConfig, transform: A.Compose,
                        metadata: bool = False) -> ImageDataset:
     """A dataset over a table's `image_path` (and `target`, `source`, metadata where present)."""
     targets = df["target"].to_numpy() if "target" in df else None
     is_2020 = (df["source"] == COMPETITION_SOURCE).to_numpy() if "source" in df else None
     return ImageDataset(df["image_path"].to_numpy(), targets, is_2020, transform,
-                        data.skip_bad_images, data.image_size if data.reduced_decode else None,
+                        data.skip_bad_images, decode_min_side(data),
                         encode_metadata(df) if metadata else None)
 
 
