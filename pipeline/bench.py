@@ -27,6 +27,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from pipeline.atomic import atomic_write_text
+from pipeline.cli import UserError
 from pipeline.config import Config, FoldsConfig, SyntheticConfig
 from pipeline.data import (
     ImageDataset,
@@ -276,6 +277,9 @@ def run_bench(cfg: Config) -> dict:
     cfg = bench_cfg(cfg)
     device = default_device()
     b = cfg.bench
+    if b.n_images < b.batch_size * b.train_steps:
+        raise UserError(f"bench.n_images={b.n_images} gives fewer than bench.train_steps="
+                        f"{b.train_steps} batches of {b.batch_size}: raise n_images")
     paths = bench_images(cfg)
     pl.seed_everything(0, verbose=False)
     light, plain = [], []
