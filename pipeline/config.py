@@ -37,6 +37,7 @@ class ColumnsConfig:
     ext_image: str = "image"
     ext_target: str = "MEL"
     ext_lesion: str = "lesion_id"
+    lesion_image: str = "image"  # the image column of `external[].lesions_csv` (ISIC's metadata)
     ext_sex: str = "sex"
     ext_age: str = "age_approx"
     ext_site: str = "anatom_site_general"
@@ -55,6 +56,9 @@ class ExternalConfig:
     ground_truth_csv: str = "data/external/ISIC_2019_Training_GroundTruth.csv"
     metadata_csv: str | None = "data/external/ISIC_2019_Training_Metadata.csv"
     images: str = "data/external/jpeg"
+    # lesion ids by image name (ISIC's ISIC_2019_Training_Metadata.csv), for a set whose own
+    # CSVs have none (the merged 512-px re-encode): images of one lesion never straddle folds
+    lesions_csv: str | None = None
 
 
 @dataclass

@@ -9,24 +9,26 @@ import pandas as pd
 
 from pipeline.cli import UserError
 from pipeline.config import ColumnsConfig, DataConfig, ExternalConfig
-from pipeline.tables import check_binary, check_files_exist, check_unique, read_csv
+from pipeline.tables import (
+    check_binary,
+    check_files_exist,
+    check_unique,
+    optional_column,
+    read_csv,
+    some,
+)
 
 log = logging.getLogger(__name__)
 
 COMPETITION_SOURCE = "isic2020"
 MERGED_COLUMNS = [
     "image_name", "patient_id", "target", "source", "sex", "age_approx", "anatom_site",
-    "diagnosis", "image_path",
+    "diagnosis", "image_path", "group_known",
 ]
 
 
 def image_paths(names: pd.Series, folder: str, ext: str) -> pd.Series:
     return folder.rstrip("/") + "/" + names + ext
-
-
-def _optional(df: pd.DataFrame, column: str) -> pd.Series:
-    """A metadata column that may be absent from a file (then all missing)."""
-    return df[column] if column in df.columns else pd.Series(pd.NA, index=df.index)
 
 
 def fill_patients(patients: pd.Series, images: pd.Series, path: str) -> pd.Series:
@@ -49,51 +51,107 @@ def load_competition(data: DataConfig) -> pd.DataFrame:
         "patient_id": fill_patients(df[c.patient], df[c.image], path),
         "target": check_binary(df, c.target, path),
         "source": COMPETITION_SOURCE,
-        "sex": _optional(df, c.sex),
-        "age_approx": pd.to_numeric(_optional(df, c.age), errors="coerce"),
-        "anatom_site": _optional(df, c.site),
-        "diagnosis": _optional(df, c.diagnosis),
+        "sex": optional_column(df, c.sex, path),
+        "age_approx": pd.to_numeric(optional_column(df, c.age, path), errors="coerce"),
+        "anatom_site": optional_column(df, c.site, path),
+        "diagnosis": optional_column(df, c.diagnosis, path),
         "image_path": image_paths(df[c.image], data.train_images, data.image_ext),
+        "group_known": df[c.patient].notna().to_numpy(),
     })
 
 
-def _external_diagnosis(gt: pd.DataFrame, c: ColumnsConfig) -> np.ndarray:
+def _external_diagnosis(gt: pd.DataFrame, c: ColumnsConfig, path: str) -> np.ndarray:
     """The one-hot diagnosis columns' name (ISIC 2019 ground truth), else a `diagnosis` column."""
     dx_cols = [d for d in c.ext_diagnoses if d in gt.columns]
     if not dx_cols:
-        return _optional(gt, c.diagnosis).to_numpy()
+        return optional_column(gt, c.diagnosis, path).to_numpy()
     dx = gt[dx_cols].apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy()
     return np.where(dx.max(axis=1) > 0, np.array(dx_cols)[dx.argmax(axis=1)], None)
 
 
-def load_external(ext: ExternalConfig, c: ColumnsConfig, image_ext: str) -> pd.DataFrame:
-    """An ISIC 2019 style set: one-hot ground truth plus optional metadata with `lesion_id`.
+LISTED = "_listed"  # metadata column: the image has a row in the metadata file
 
-    External images have no patient: they are grouped by lesion, else each by itself.
+
+def _metadata(ext: ExternalConfig, gt: pd.DataFrame, c: ColumnsConfig) -> tuple[pd.DataFrame, str]:
+    """Metadata rows aligned with the ground truth's images, and the file they came from."""
+    if not ext.metadata_csv:  # the ground-truth file holds the metadata (the merged re-encode)
+        return gt.assign(**{LISTED: True}), ext.ground_truth_csv
+    meta = read_csv(ext.metadata_csv, [c.ext_image])
+    check_unique(meta, c.ext_image, ext.metadata_csv)
+    aligned = gt[[c.ext_image]].merge(meta, on=c.ext_image, how="left", indicator=LISTED)
+    aligned[LISTED] = aligned[LISTED] == "both"
+    absent = aligned.loc[~aligned[LISTED], c.ext_image]
+    if len(absent):
+        log.warning("%s: %d image(s) of %s have no metadata row: %s", ext.metadata_csv, len(absent),
+                    ext.ground_truth_csv, some(absent))
+    return aligned, ext.metadata_csv
+
+
+def _lesion_table(ext: ExternalConfig, meta: pd.DataFrame, meta_path: str,
+                  c: ColumnsConfig) -> tuple[pd.DataFrame | None, str]:
+    """(image, lesion) rows that say how images group into lesions, and their file; None when
+    no file names lesions (a warning then says so)."""
+    if ext.lesions_csv:
+        table = read_csv(ext.lesions_csv, [c.lesion_image, c.ext_lesion])
+        check_unique(table, c.lesion_image, ext.lesions_csv)
+        return table.rename(columns={c.lesion_image: "image"})[["image", c.ext_lesion]], ext.lesions_csv
+    if c.ext_lesion not in meta.columns:
+        log.warning(
+            "%s: no column %r, so the %s images cannot be grouped by lesion: each is its own group "
+            "(folds.external=spread is refused). Name ISIC's ISIC_2019_Training_Metadata.csv in "
+            "data.external[].lesions_csv. Columns found: %s",
+            meta_path, c.ext_lesion, ext.name, [k for k in meta.columns if k != LISTED])
+        return None, meta_path
+    listed = meta[meta[LISTED]].rename(columns={c.ext_image: "image"})
+    return listed[["image", c.ext_lesion]], meta_path
+
+
+def lesion_groups(names: pd.Series, table: pd.DataFrame | None, lesion_col: str, source: str,
+                  path: str) -> tuple[pd.Series, np.ndarray]:
+    """Group id of each image (`lesion:<id>`, else `image:<name>`) and whether its grouping is known
+    (the image is listed in the lesion file, with or without a lesion id)."""
+    if table is None:
+        lesion = pd.Series(pd.NA, index=names.index, dtype="string")
+        listed = np.zeros(len(names), bool)
+    else:
+        by_image = table.set_index("image")[lesion_col].astype("string").str.strip()
+        lesion = names.map(by_image).astype("string")
+        lesion = lesion.where(lesion != "", pd.NA)
+        listed = names.isin(table["image"]).to_numpy()
+    grouped = lesion.notna()
+    log.info(
+        "%s: %d image(s): %d in %d lesion group(s); %d listed in %s without a lesion id and %d not "
+        "listed there (each its own group); grouping known for %.1f%%", source, len(names),
+        int(grouped.sum()), lesion[grouped].nunique(), int((listed & ~grouped.to_numpy()).sum()),
+        path, int((~listed).sum()), 100 * listed.mean() if len(listed) else 0.0)
+    return ("lesion:" + lesion).fillna("image:" + names).astype(str), listed
+
+
+def load_external(ext: ExternalConfig, c: ColumnsConfig, image_ext: str) -> pd.DataFrame:
+    """An ISIC 2019 style set: one-hot ground truth plus optional metadata.
+
+    External images have no patient: they are grouped by lesion (from the metadata's lesion ids,
+    or `lesions_csv` by image name), else each by itself.
     """
     gt_path = ext.ground_truth_csv
     gt = read_csv(gt_path, [c.ext_image, c.ext_target])
     check_unique(gt, c.ext_image, gt_path)
     target = check_binary(gt, c.ext_target, gt_path)
-    diagnosis = _external_diagnosis(gt, c)
-    meta = gt  # without a separate metadata file, the ground-truth file holds the metadata
-    if ext.metadata_csv:
-        meta = read_csv(ext.metadata_csv, [c.ext_image])
-        check_unique(meta, c.ext_image, ext.metadata_csv)
-        meta = gt[[c.ext_image]].merge(meta, on=c.ext_image, how="left")
-    lesion = _optional(meta, c.ext_lesion).astype("string")
-    lesion = lesion.where(lesion.notna() & (lesion.str.strip() != ""), pd.NA)
-    patient = ("lesion:" + lesion).fillna("image:" + gt[c.ext_image])
+    diagnosis = _external_diagnosis(gt, c, gt_path)
+    meta, meta_path = _metadata(ext, gt, c)
+    table, table_path = _lesion_table(ext, meta, meta_path, c)
+    groups, listed = lesion_groups(gt[c.ext_image], table, c.ext_lesion, ext.name, table_path)
     return pd.DataFrame({
         "image_name": gt[c.ext_image],
-        "patient_id": patient.to_numpy(),
+        "patient_id": groups.to_numpy(),
         "target": target,
         "source": ext.name,
-        "sex": _optional(meta, c.ext_sex).to_numpy(),
-        "age_approx": pd.to_numeric(_optional(meta, c.ext_age), errors="coerce").to_numpy(),
-        "anatom_site": _optional(meta, c.ext_site).to_numpy(),
+        "sex": optional_column(meta, c.ext_sex, meta_path).to_numpy(),
+        "age_approx": pd.to_numeric(optional_column(meta, c.ext_age, meta_path), errors="coerce").to_numpy(),
+        "anatom_site": optional_column(meta, c.ext_site, meta_path).to_numpy(),
         "diagnosis": diagnosis,
         "image_path": image_paths(gt[c.ext_image], ext.images, image_ext),
+        "group_known": listed,
     })
 
 
@@ -130,11 +188,13 @@ def load_test(data: DataConfig) -> pd.DataFrame:
     c = data.columns
     df = read_csv(data.test_csv, [c.image])
     check_unique(df, c.image, data.test_csv)
+    path = data.test_csv
     out = pd.DataFrame({
         "image_name": df[c.image],
-        "sex": _optional(df, c.sex),
-        "age_approx": pd.to_numeric(_optional(df, c.age), errors="coerce"),
-        "anatom_site": _optional(df, c.site),
+        "patient_id": fill_patients(optional_column(df, c.patient, path), df[c.image], path),
+        "sex": optional_column(df, c.sex, path),
+        "age_approx": pd.to_numeric(optional_column(df, c.age, path), errors="coerce"),
+        "anatom_site": optional_column(df, c.site, path),
         "image_path": image_paths(df[c.image], data.test_images, data.image_ext),
     })
     check_files_exist(out["image_path"], out["image_name"], f"test set {data.test_csv}")

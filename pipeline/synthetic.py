@@ -4,6 +4,8 @@ Patients, image counts, metadata and missing values are shaped on the real 2020 
 an ISIC 2019 shaped external set sits beside it. Each image has a continuous latent malignancy
 score: it drives how the lesion looks (size, border, colours, asymmetry), and the label is drawn
 from it and then partly swapped, so the latent score's AUC is the ceiling a model can reach.
+A benign lesion's diagnosis follows the latent too (suspicious classes sit higher), so the
+diagnosis is a training target that says more than the binary label.
 Patients carry their own skin tone, lesion style and share of the latent, so a patient split
 across folds inflates CV as it does on the real data.
 
@@ -57,6 +59,17 @@ BENIGN_DIAGNOSES = {
 EXTERNAL_BENIGN = {
     "NV": 12875, "BCC": 3323, "AK": 867, "BKL": 2624, "DF": 239, "VASC": 253, "SCC": 628,
 }
+# How far each benign class's latent sits above the average (in latent SDs); see
+# `draw_benign_diagnoses`. Excised look-alikes (keratoses, lentigines, atypical proliferations;
+# BCC, AK, SCC) sit high; moles, angiomas and dermatofibromas low.
+BENIGN_SHIFTS = {
+    "unknown": 0.0, "nevus": -0.5, "seborrheic keratosis": 0.8, "lentigo NOS": 0.8,
+    "lichenoid keratosis": 0.6, "solar lentigo": 0.5, "atypical melanocytic proliferation": 1.5,
+    "cafe-au-lait macule": -0.5,
+}
+EXTERNAL_SHIFTS = {
+    "NV": -0.4, "BCC": 0.8, "AK": 0.7, "BKL": 0.4, "DF": -0.6, "VASC": -0.6, "SCC": 1.0,
+}
 EXTERNAL_MEL_RATE = 0.18  # ISIC 2019 ground truth: 4,522 MEL of 25,331
 
 # Images per patient: real median 12, quartiles 5 and 22, range 2-115 (lognormal, clipped).
@@ -81,7 +94,7 @@ PROGRESS_EVERY = 2000  # log rendering progress when a split has more images tha
 
 # Stream ids: each kind of draw gets its own Generator, so changing one size does not reshuffle
 # the others.
-TABLE, IDS, LESION, VIEW = 0, 1, 2, 3
+TABLE, IDS, LESION, VIEW, DIAGNOSIS = 0, 1, 2, 3, 4
 TRAIN, TEST, EXTERNAL = 0, 1, 2
 
 BGR = tuple[float, float, float]
@@ -215,6 +228,24 @@ def draw_targets(
     return target
 
 
+def draw_benign_diagnoses(
+    rng: np.random.Generator, latent: np.ndarray, freq: dict[str, int], shifts: dict[str, float]
+) -> np.ndarray:
+    """One benign diagnosis per lesion, drawn from its posterior given the latent score.
+
+    As if class c had the prior `freq[c]` and latent ~ N(shifts[c], 1): P(c | z) is proportional to
+    freq[c] * exp(shifts[c] * z - shifts[c]**2 / 2). The classes keep about their real frequencies,
+    a high latent makes the suspicious ones likelier, and the draw stays noisy (the classes overlap),
+    so a model can learn from the class what the 0/1 label alone does not say.
+    """
+    names = np.array(list(freq), dtype=object)
+    shift = np.array([shifts[c] for c in freq])
+    logits = np.log(np.array(list(freq.values()), float)) + np.outer(latent, shift) - shift**2 / 2
+    cdf = np.cumsum(np.exp(logits - logits.max(axis=1, keepdims=True)), axis=1)
+    u = rng.random(len(latent)) * cdf[:, -1]
+    return names[(cdf < u[:, None]).sum(axis=1)]  # inverse CDF, one row at a time
+
+
 def _patients_table(rng: np.random.Generator, n: int, with_missing: bool) -> pd.DataFrame:
     """One row per patient: image count, sex, age, latent share, style."""
     patients = _styles(rng, n)
@@ -245,7 +276,9 @@ def _competition_split(
     df.loc[_pick(rng, n, MISSING_SITE), "site"] = None
     df.loc[df["missing_sex"], "sex"] = None
     df["age_approx"] = df["age"].where(~df["missing_age"])
-    benign = _choice(rng, BENIGN_DIAGNOSES, n)
+    benign = draw_benign_diagnoses(
+        _rng(cfg.seed, DIAGNOSIS, split), df["latent"].to_numpy(), BENIGN_DIAGNOSES, BENIGN_SHIFTS
+    )
     df["diagnosis"] = np.where(df["target"] == 1, "melanoma", benign)
     df["benign_malignant"] = np.where(df["target"] == 1, "malignant", "benign")
     df["split"] = split
@@ -289,7 +322,12 @@ def build_external_table(cfg: SyntheticConfig) -> pd.DataFrame:
     n = cfg.n_external_lesions
     lesions = _lesions_table(rng, n)
     mel = draw_targets(rng, lesions["latent"].to_numpy(), EXTERNAL_MEL_RATE, cfg.label_noise)
-    lesions["diagnosis"] = np.where(mel == 1, "MEL", _choice(rng, EXTERNAL_BENIGN, n))
+    rng.random(n)  # the place of the old latent-blind benign draw: keeps the lesion ids below
+    benign = draw_benign_diagnoses(
+        _rng(cfg.seed, DIAGNOSIS, EXTERNAL), lesions["latent"].to_numpy(), EXTERNAL_BENIGN,
+        EXTERNAL_SHIFTS,
+    )
+    lesions["diagnosis"] = np.where(mel == 1, "MEL", benign)
     lesion_ids = [f"HAM_{i:07d}" for i in _unique_ints(rng, n, 0, 10_000_000)]
     unnamed = (lesions["n_images"] == 1) & (rng.random(n) < NO_LESION_ID)
     lesions["lesion_id"] = np.where(unnamed, None, lesion_ids)

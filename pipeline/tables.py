@@ -50,6 +50,24 @@ def read_csv(path: str | Path, required: Iterable[str]) -> pd.DataFrame:
     return df
 
 
+# other headers the same column goes by in published copies (ISIC 2019's metadata says `gender`)
+ALIASES = {"sex": ("gender",), "gender": ("sex",)}
+
+
+def optional_column(df: pd.DataFrame, column: str, path: str | Path) -> pd.Series:
+    """A metadata column that may be absent: read under its name or a known alias; when absent,
+    all missing, with a warning naming the file, the column and the columns the file has."""
+    for name in (column, *ALIASES.get(column, ())):
+        if name in df.columns:
+            if name != column:
+                log.info("%s: reading column %r as %r", path, name, column)
+            return df[name]
+    log.warning("%s: no column %r (nor %s); it is treated as missing on all %d row(s). "
+                "Columns found: %s", path, column, list(ALIASES.get(column, ())) or "an alias",
+                len(df), list(df.columns))
+    return pd.Series(pd.NA, index=df.index, dtype="object")
+
+
 def check_unique(df: pd.DataFrame, column: str, path: str | Path) -> None:
     """Each value of `column` must appear once."""
     dup = df[column].duplicated(keep=False)

@@ -3,7 +3,8 @@ import pytest
 
 from pipeline.cli import UserError
 from pipeline.config import FoldsConfig, load_config
-from pipeline.folds import audit, check_folds, make_folds, run_folds
+from pipeline.config import ExternalConfig
+from pipeline.folds import SIZE_BINS, audit, balance, check_folds, describe, make_folds, run_folds
 from pipeline.merge import merge_tables
 
 
@@ -19,7 +20,8 @@ def table(patients, positives, seed=0):
     rows = []
     for p, (n, k) in enumerate(zip(patients, positives, strict=True)):
         rows += [(f"IMG_{p}_{i}", f"IP_{p}", int(i < k), "isic2020") for i in range(n)]
-    return pd.DataFrame(rows, columns=["image_name", "patient_id", "target", "source"])
+    df = pd.DataFrame(rows, columns=["image_name", "patient_id", "target", "source"])
+    return df.assign(group_known=True)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,58 @@ def test_external_train_only_or_spread():
     check_folds(spread)
     with pytest.raises(UserError, match="folds.external"):
         make_folds(both, FoldsConfig(external="sometimes"))
+
+
+def test_spread_refused_without_lesion_groups():
+    df = table([4] * 12, [1] * 6 + [0] * 6)
+    ext = table([1] * 20, [1] * 5 + [0] * 15).assign(source="isic2019")
+    ext["image_name"] = "X" + ext["image_name"]
+    ext["patient_id"] = "image:" + ext["image_name"]
+    ext["group_known"] = [True] * 19 + [False]  # 95% known: accepted
+    both = pd.concat([df, ext], ignore_index=True)
+    make_folds(both, FoldsConfig(n_folds=3, external="spread"))
+    both.loc[both.index[-2], "group_known"] = False  # 90%: refused, with the fix named
+    with pytest.raises(UserError, match=r"only 90.0% of the 'isic2019' images.*lesions_csv"):
+        make_folds(both, FoldsConfig(n_folds=3, external="spread"))
+    make_folds(both, FoldsConfig(n_folds=3))  # train_only needs no lesion groups
+
+
+def test_real_folds_meet_the_balance_targets(real_data):
+    """Duplicates dropped: images within 0.05%, positive rate within 0.02 pp, patients within one,
+    each patient-size bin within 2 points of the smallest spread integer counts allow."""
+    folds = make_folds(real_table(real_data, duplicates=True), FoldsConfig(n_folds=5, seed=42))
+    b = balance(folds)
+    assert b["image_spread_%"] <= 0.05
+    assert b["pos_rate_spread_pp"] <= 0.02
+    assert b["patient_spread"] <= 1
+    for name in SIZE_BINS:
+        assert b[f"bin_{name}_spread_%"] <= b[f"bin_{name}_floor_%"] + 2, name
+
+
+def test_spread_mode_on_real_isic2019_metadata(real_data):
+    """External images spread over folds by ISIC's lesion ids: no lesion or patient split, and
+    the 2020 images alone as balanced as in train-only mode."""
+    ext_dir = real_data / "external"
+    cfg = load_config(None, [
+        f"data.train_csv={real_data / 'train.csv'}", "data.check_images=false",
+        f"data.duplicates_csv={real_data / 'ISIC_2020_Training_Duplicates.csv'}",
+        "folds.external=spread"])
+    cfg.data.external = [ExternalConfig(
+        ground_truth_csv=str(ext_dir / "ISIC_2019_Training_GroundTruth.csv"),
+        metadata_csv=str(ext_dir / "ISIC_2019_Training_Metadata.csv"))]
+    folds = make_folds(merge_tables(cfg.data), cfg.folds)
+    check_folds(folds)
+    meta = pd.read_csv(ext_dir / "ISIC_2019_Training_Metadata.csv").dropna(subset=["lesion_id"])
+    per_lesion = meta.merge(folds, left_on="image", right_on="image_name").groupby("lesion_id")["fold"]
+    assert per_lesion.nunique().max() == 1 and per_lesion.ngroups == 11847
+    assert (folds["fold"] >= 0).all()
+    b2020 = balance(folds[folds.source == "isic2020"])
+    assert b2020["image_spread_%"] <= 0.5
+    assert b2020["pos_rate_spread_pp"] <= 0.03
+    assert b2020["patient_spread"] <= 1
+    assert balance(folds)["pos_rate_spread_pp"] <= 0.03
+    text = describe(folds)
+    assert "all rows:" in text and "2020 images alone:" in text and "pt_81+" in text
 
 
 def test_audit_counts_sources():

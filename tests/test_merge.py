@@ -79,12 +79,11 @@ def test_duplicates_dropped(tmp_path):
     assert set(df.image_name) == {"ISIC_1", "ISIC_2", "ISIC_4"}
 
 
-def test_column_mapping_from_config(tmp_path, real_data):
-    """The real ISIC 2019 metadata copy heads its sex column `gender`: one setting maps it."""
+def test_gender_header_read_as_sex(tmp_path, real_data, caplog):
+    """The real ISIC 2019 metadata copy heads its sex column `gender`: read without a setting."""
     ext_dir = real_data / "external"
     cfg = load_config(None, [
         f"data.train_csv={real_data / 'train.csv'}", "data.check_images=false",
-        "data.columns.ext_sex=gender",
     ])
     cfg.data.external = [ExternalConfig(
         ground_truth_csv=str(ext_dir / "ISIC_2019_Training_GroundTruth.csv"),
@@ -94,6 +93,91 @@ def test_column_mapping_from_config(tmp_path, real_data):
     assert len(ext) == 25331 and ext["sex"].notna().mean() > 0.9
     assert ext["target"].sum() == 4522
     assert ext["patient_id"].str.startswith("lesion:").sum() > 10000
+    assert ext["group_known"].all()  # every image is listed in ISIC's metadata
+    raw = pd.read_csv(ext_dir / "ISIC_2019_Training_Metadata.csv")
+    assert ext["sex"].notna().sum() == raw["gender"].notna().sum()
+
+
+def merged_style_external(tmp_path, lesion_rows: str | None) -> ExternalConfig:
+    """The merged 512-px re-encode's layout: 2020 columns, no lesion ids; lesions by image name."""
+    gt = write(tmp_path / "ext/train.csv",
+               "image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,target\n"
+               "ISIC_9001,-1,female,55,torso,MEL,1\n"
+               "ISIC_9002,-1,female,55,torso,NV,0\n"
+               "ISIC_9003,-1,male,70,torso,NV,0\n"
+               "ISIC_9004,-1,male,70,torso,BCC,0\n")
+    touch_images(tmp_path / "ext/jpeg", ["ISIC_9001", "ISIC_9002", "ISIC_9003", "ISIC_9004"])
+    lesions = None if lesion_rows is None else write(
+        tmp_path / "ext/ISIC_2019_Training_Metadata.csv",
+        "image,age_approx,anatom_site_general,lesion_id,gender\n" + lesion_rows)
+    return ExternalConfig(name="isic2019", ground_truth_csv=gt, metadata_csv=None,
+                          images=str(tmp_path / "ext/jpeg"), lesions_csv=lesions)
+
+
+def merged_columns():
+    return ["data.columns.ext_image=image_name", "data.columns.ext_target=target",
+            "data.columns.ext_site=anatom_site_general_challenge"]
+
+
+def test_lesion_groups_from_isic_metadata_by_image_name(tmp_path, caplog):
+    ext = merged_style_external(tmp_path, "ISIC_9001,55,torso,L1,female\n"
+                                          "ISIC_9002,55,torso,L1,female\n"
+                                          "ISIC_9003,70,torso,,male\n")
+    cfg = data_cfg(tmp_path, ROWS, external=[ext])
+    cfg.columns = load_config(None, merged_columns()).data.columns
+    with caplog.at_level("INFO"):
+        df = merge_tables(cfg).set_index("image_name")
+    assert df.loc["ISIC_9001", "patient_id"] == df.loc["ISIC_9002", "patient_id"] == "lesion:L1"
+    assert df.loc["ISIC_9003", "patient_id"] == "image:ISIC_9003"
+    assert list(df.loc[["ISIC_9001", "ISIC_9003", "ISIC_9004"], "group_known"]) == [True, True, False]
+    # the merge audit says how many external images have a lesion group
+    assert "4 image(s): 2 in 1 lesion group(s); 1 listed" in caplog.text
+    assert "1 not listed" in caplog.text
+
+
+def test_lesion_csv_without_its_columns_is_an_error(tmp_path):
+    ext = merged_style_external(tmp_path, None)
+    ext.lesions_csv = write(tmp_path / "lesions.csv", "image_name,lesion\nISIC_9001,L1\n")
+    cfg = data_cfg(tmp_path, ROWS, external=[ext])
+    cfg.columns = load_config(None, merged_columns()).data.columns
+    with pytest.raises(UserError, match=r"lesions.csv: missing required column\(s\) \['image', 'lesion_id'\]"):
+        merge_tables(cfg)
+
+
+def test_metadata_without_lesion_column_warns_and_leaves_groups_unknown(tmp_path, caplog):
+    ext = external(tmp_path)
+    write(Path(ext.metadata_csv), "image,age_approx,anatom_site_general,sex\n"
+                                  "ISIC_9001,55,anterior torso,female\n"
+                                  "ISIC_9002,60,anterior torso,female\n"
+                                  "ISIC_9003,70,lower extremity,male\n")
+    with caplog.at_level("WARNING"):
+        df = merge_tables(data_cfg(tmp_path, ROWS, external=[ext]))
+    assert "meta.csv: no column 'lesion_id'" in caplog.text and "lesions_csv" in caplog.text
+    ext_rows = df[df.source == "isic2019"]
+    assert not ext_rows["group_known"].any()
+    assert ext_rows["patient_id"].str.startswith("image:").all()
+
+
+def test_missing_optional_column_warns_with_the_file_and_its_columns(tmp_path, caplog):
+    header = "image_name,patient_id,age_approx,target\n"
+    cfg = DataConfig(train_csv=write(tmp_path / "train.csv", header + "ISIC_1,IP_1,45,0\n"),
+                     train_images=str(tmp_path / "jpeg/train"))
+    touch_images(tmp_path / "jpeg/train", ["ISIC_1"])
+    with caplog.at_level("WARNING"):
+        merge_tables(cfg)
+    assert "train.csv: no column 'sex'" in caplog.text
+    assert "no column 'anatom_site_general_challenge'" in caplog.text
+    assert "['image_name', 'patient_id', 'age_approx', 'target']" in caplog.text
+
+
+def test_external_images_without_metadata_rows_are_named(tmp_path, caplog):
+    ext = external(tmp_path)
+    write(Path(ext.metadata_csv), "image,age_approx,anatom_site_general,lesion_id,sex\n"
+                                  "ISIC_9001,55,anterior torso,L1,female\n")
+    with caplog.at_level("WARNING"):
+        df = merge_tables(data_cfg(tmp_path, ROWS, external=[ext]))
+    assert "2 image(s)" in caplog.text and "ISIC_9002, ISIC_9003" in caplog.text
+    assert list(df.loc[df.source == "isic2019", "group_known"]) == [True, False, False]
 
 
 @pytest.mark.parametrize("rows,match", [

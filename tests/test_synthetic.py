@@ -33,6 +33,14 @@ TRAIN_COLUMNS = ["image_name", "patient_id", "sex", "age_approx", "anatom_site_g
 TEST_COLUMNS = TRAIN_COLUMNS[:5]
 GT_COLUMNS = ["image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
 META_COLUMNS = ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"]
+# The real 2020 train.csv's diagnosis values, and the benign classes that look suspicious.
+REAL_2020_DIAGNOSES = {
+    "unknown", "nevus", "melanoma", "seborrheic keratosis", "lentigo NOS", "lichenoid keratosis",
+    "solar lentigo", "atypical melanocytic proliferation", "cafe-au-lait macule",
+}
+SUSPICIOUS_2020 = ["seborrheic keratosis", "lentigo NOS", "lichenoid keratosis", "solar lentigo",
+                   "atypical melanocytic proliferation"]
+SUSPICIOUS_2019 = ["BCC", "AK", "SCC", "BKL"]
 
 
 def small_cfg(out: Path, **changes) -> SyntheticConfig:
@@ -122,6 +130,32 @@ def test_external_set_shaped_like_isic2019(small):
     assert summary.n_external == len(gt)
     mel = gt.assign(lesion=meta["lesion_id"]).query("lesion != ''").groupby("lesion")["MEL"]
     assert (mel.nunique() == 1).all(), "one lesion with two diagnoses"
+
+
+def mean_latent(df: pd.DataFrame, classes: list[str]) -> float:
+    return df.loc[df["diagnosis"].isin(classes), "latent"].mean()
+
+
+def test_benign_diagnosis_follows_the_latent(tmp_path):
+    """Among negatives the diagnosis tracks the latent: what a 9-class target can learn beyond 0/1."""
+    cfg = small_cfg(tmp_path, n_patients=400, n_external_lesions=2000)
+    train, _ = build_competition_tables(cfg)
+    assert set(train["diagnosis"]) <= REAL_2020_DIAGNOSES
+    assert (train.loc[train["target"] == 1, "diagnosis"] == "melanoma").all()
+    benign = train[train["target"] == 0]
+    share = benign["diagnosis"].value_counts(normalize=True)
+    assert 0.75 < share["unknown"] < 0.9 and 0.1 < share["nevus"] < 0.22  # real: 83% and 16%
+    assert benign["diagnosis"].isin(SUSPICIOUS_2020).sum() >= 10
+    assert mean_latent(benign, SUSPICIOUS_2020) > mean_latent(benign, ["unknown"]) + 0.1
+    assert mean_latent(benign, ["unknown"]) > mean_latent(benign, ["nevus"]) + 0.15
+
+    ext = build_external_table(cfg)
+    assert set(ext["diagnosis"]) <= set(GT_COLUMNS[1:])
+    assert (ext.groupby("lesion")["diagnosis"].nunique() == 1).all()
+    lesions = ext.drop_duplicates("lesion")
+    assert ((lesions["diagnosis"] == "MEL") == (lesions["target"] == 1)).all()
+    benign = lesions[lesions["target"] == 0]
+    assert mean_latent(benign, SUSPICIOUS_2019) > mean_latent(benign, ["NV", "DF", "VASC"]) + 0.3
 
 
 def test_external_lesion_ids_sometimes_missing(tmp_path):
