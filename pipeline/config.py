@@ -76,6 +76,9 @@ class DataConfig:
     reduced_decode: bool = True  # decode big JPEGs at 1/2, 1/4, 1/8 scale when still >= image_size
     image_size: int = 256
     crop_size: int = 224
+    # evaluation: `full` resizes the whole image to crop_size (the winners'); `center_crop` resizes
+    # to image_size and keeps the centre crop_size (drops ~21% of the area at 456 of 512)
+    eval_resize: str = "full"
     batch_size: int = 32
     num_workers: int = 2
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
@@ -107,9 +110,13 @@ class ModelConfig:
     backbone: str = "efficientnet_b0"
     pretrained: bool = False
     weights_path: str | None = None
-    drop_rate: float = 0.2
+    drop_rate: float = 0.2  # dropout before the classifier, applied once
     drop_path_rate: float = 0.1
-    metadata: bool = False  # sex, age and site through a small MLP beside the image features
+    target: str = "binary"  # binary (one logit) | diagnosis (9 ISIC 2019 classes; score = P(MEL))
+    # sex, age, site, images per patient and JPEG bytes through an MLP beside the image features
+    metadata: bool = False
+    meta_dims: list[int] = field(default_factory=lambda: [512, 128])  # the MLP's widths
+    dropout_samples: int = 1  # >1: multi-sample dropout, that many masks averaged (winners: 5)
 
 
 @dataclass
@@ -144,10 +151,14 @@ class TrainConfig:
     devices: Any = 1
     seed: int = 42
     early_stopping_patience: int | None = None
+    # what picks best.ckpt (and early stopping): val_auc_2020, the AUC on the competition's own
+    # images, or val_auc over every validation row (external ones too in spread mode)
+    monitor: str = "val_auc_2020"
     progress_bar: bool = True
     log_every_n_steps: int = 50  # each logged step (and divergence check) syncs the GPU once
-    limit_train_batches: float | None = None
-    limit_val_batches: float | None = None
+    # Lightning's meaning: an int is a number of batches, a float in (0, 1] a share of them
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
     bootstrap: int = 1000
     aug: AugConfig = field(default_factory=AugConfig)
 

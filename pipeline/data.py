@@ -7,6 +7,7 @@ moves a quarter of the bytes of float32 and is already channels-last once permut
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import albumentations as A
@@ -18,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.cli import UserError
-from pipeline.config import AugConfig, Config, DataConfig
+from pipeline.config import AugConfig, Config, DataConfig, ModelConfig
+from pipeline.diagnosis import diagnosis_labels
 from pipeline.merge import COMPETITION_SOURCE
 from pipeline.metadata import encode_metadata
 
@@ -86,12 +88,48 @@ def read_image(path: str, min_side: int | None = None) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+EVAL_RESIZES = ("full", "center_crop")
+
+
 def eval_transform(data: DataConfig) -> A.Compose:
-    """Validation and test: resize, then centre crop; nothing random."""
-    return A.Compose([
-        A.Resize(data.image_size, data.image_size),
-        A.CenterCrop(data.crop_size, data.crop_size),
-    ])
+    """Validation and test, nothing random: the whole image resized to the model's input
+    (`full`), or resized to image_size and centre-cropped (`center_crop`)."""
+    if data.eval_resize == "full":
+        return A.Compose([A.Resize(data.crop_size, data.crop_size)])
+    if data.eval_resize == "center_crop":
+        return A.Compose([
+            A.Resize(data.image_size, data.image_size),
+            A.CenterCrop(data.crop_size, data.crop_size),
+        ])
+    raise UserError(f"data.eval_resize must be one of {list(EVAL_RESIZES)}, got {data.eval_resize!r}")
+
+
+def _walk(transform) -> Iterator:
+    yield transform
+    for child in getattr(transform, "transforms", ()):
+        yield from _walk(child)
+
+
+def seed_transform(transform: A.BaseCompose, seed: int) -> None:
+    """Give the pipeline and every transform in it its own random stream derived from `seed`.
+
+    albumentations' `set_random_seed` hands every child the same seed, so transforms with the
+    same probability (the flips and the transpose) would fire together; here each gets its own.
+    Parents are seeded before their children, whose own seed then replaces the inherited one.
+    """
+    nodes = list(_walk(transform))
+    for node, child_seed in zip(nodes, np.random.SeedSequence(seed).generate_state(len(nodes)), strict=True):
+        node.set_random_seed(int(child_seed))
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker start: reseed the dataset's augmentations from the worker's torch seed
+    (base seed + worker id), so workers draw different augmentations, reproducibly under a
+    fixed torch seed. Forked workers otherwise all continue the parent's random state."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        seed_transform(transform, info.seed % 2**32)
 
 
 def train_transform(data: DataConfig, aug: AugConfig) -> A.Compose:
@@ -126,7 +164,7 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths, targets=None, is_2020=None, transform: A.Compose | None = None,
-                 skip_bad: bool = False, min_side: int | None = None, meta=None):
+                 skip_bad: bool = False, min_side: int | None = None, meta=None, labels=None):
         self.paths = np.asarray(paths, dtype=np.bytes_)
         n = len(self.paths)
         self.targets = np.zeros(n, np.float32) if targets is None else np.asarray(targets, np.float32)
@@ -135,6 +173,7 @@ class ImageDataset(Dataset):
         self.skip_bad = skip_bad
         self.min_side = min_side
         self.meta = None if meta is None else np.asarray(meta, np.float32)
+        self.labels = None if labels is None else np.asarray(labels, np.int64)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -158,6 +197,8 @@ class ImageDataset(Dataset):
         }
         if self.meta is not None:
             item["meta"] = torch.from_numpy(self.meta[i])
+        if self.labels is not None:
+            item["label"] = self.labels[i]
         return item
 
 
@@ -175,7 +216,7 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        collate_fn=collate,
+        collate_fn=collate, worker_init_fn=seed_worker,
     )
 
 
@@ -185,13 +226,21 @@ def decode_min_side(data: DataConfig) -> int | None:
 
 
 def dataset_from_frame(df: pd.DataFrame, data: DataConfig, transform: A.Compose,
-                       metadata: bool = False) -> ImageDataset:
-    """A dataset over a table's `image_path` (and `target`, `source`, metadata where present)."""
+                       model: ModelConfig | None = None, where: str = "table") -> ImageDataset:
+    """A dataset over a table's `image_path` (and `target`, `source` where present); the metadata
+    and diagnosis labels when `model` uses them."""
+    model = model or ModelConfig()
     targets = df["target"].to_numpy() if "target" in df else None
     is_2020 = (df["source"] == COMPETITION_SOURCE).to_numpy() if "source" in df else None
+    labels = None
+    if model.target == "diagnosis" and targets is not None:
+        if "diagnosis" not in df:
+            raise UserError(f"{where}: model.target=diagnosis needs a 'diagnosis' column; "
+                            f"found {list(df.columns)}")
+        labels = diagnosis_labels(df["diagnosis"], df["target"], where)
     return ImageDataset(df["image_path"].to_numpy(), targets, is_2020, transform,
                         data.skip_bad_images, decode_min_side(data),
-                        encode_metadata(df) if metadata else None)
+                        encode_metadata(df) if model.metadata else None, labels)
 
 
 @dataclass
@@ -214,18 +263,20 @@ def split_fold(folds: pd.DataFrame, fold: int) -> FoldSplit:
 class FoldDataModule(pl.LightningDataModule):
     """Loaders for one fold of the folds table."""
 
-    def __init__(self, cfg: Config, split: FoldSplit):
+    def __init__(self, cfg: Config, split: FoldSplit, seed: int = 0):
         super().__init__()
         self.cfg = cfg
         self.split = split
+        self.seed = seed
 
     def train_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        ds = dataset_from_frame(self.split.train, d, train_transform(d, self.cfg.train.aug),
-                                self.cfg.model.metadata)
+        transform = train_transform(d, self.cfg.train.aug)
+        seed_transform(transform, self.seed)  # loader workers reseed theirs (seed_worker)
+        ds = dataset_from_frame(self.split.train, d, transform, self.cfg.model, "training rows")
         return make_loader(ds, d.batch_size, d.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        ds = dataset_from_frame(self.split.valid, d, eval_transform(d), self.cfg.model.metadata)
+        ds = dataset_from_frame(self.split.valid, d, eval_transform(d), self.cfg.model, "validation rows")
         return make_loader(ds, d.batch_size, d.num_workers, train=False)

@@ -9,12 +9,18 @@ are its fold models, whose out-of-fold rows are disjoint, so only the group as a
 OOF prediction over the whole training set (`runs/<experiment>/oof_tta.csv`, column
 `pred_<view>`, rows of the group's folds). Within a group test predictions are averaged
 (mean of probabilities) first; the groups are then blended on ranks with the fitted weights.
+
+The OOF AUC of a mean or rank blend follows the test blend's recipe (`blend_by_model`): per
+experiment its views' OOF columns are combined with `infer.average`, then the experiments are
+blended by the method, on the OOF rows they all cover. The competition scores 2020 images only, so
+`cv_auc` is taken on the 2020 rows where the OOF has them (`cv_auc_rows`), `cv_auc_all` on all.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.cli import UserError
 from pipeline.config import Config, save_config
+from pipeline.metrics import auc_2020, safe_auc
 from pipeline.submissions import MANIFEST_NAME, read_manifest, select_members
 from pipeline.tables import check_binary, check_unique, read_csv, some
 from pipeline.tta import combine_views, percentile_ranks
@@ -203,7 +210,8 @@ def _groups(members: pd.DataFrame) -> list[Group]:
 
 
 def group_oof(group: Group, runs_dir: str | Path) -> pd.DataFrame:
-    """OOF rows of a group's folds from `runs/<experiment>/oof_tta.csv`: index image_name, columns target, pred."""
+    """OOF rows of a group's folds from `runs/<experiment>/oof_tta.csv`: index image_name, columns
+    target, source ("" where the file has no source column) and pred."""
     path = Path(runs_dir) / group.experiment / OOF_NAME
     column = f"pred_{group.view}"
     df = read_csv(path, ["image_name", "target", "fold", column])
@@ -215,37 +223,67 @@ def group_oof(group: Group, runs_dir: str | Path) -> pd.DataFrame:
     if not np.isfinite(pred.to_numpy(dtype=np.float64)).all():
         raise UserError(f"{path}: column {column!r} has missing or non-numeric values")
     target = check_binary(df, "target", path)
+    source = df["source"].fillna("").astype(str).to_numpy() if "source" in df else ""
     return pd.DataFrame(
-        {"target": target.to_numpy(), "pred": pred.to_numpy()}, index=df["image_name"]
+        {"target": target.to_numpy(), "source": source, "pred": pred.to_numpy()},
+        index=df["image_name"],
     )
 
 
-def oof_matrix(groups: list[Group], runs_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """`(y (N,), preds (G, N))` over the OOF images every group covers."""
-    frames = [group_oof(g, runs_dir) for g in groups]
+def _align(frames: list[pd.DataFrame]) -> tuple[pd.DataFrame, np.ndarray]:
+    """`(rows, preds (F, N))` over the images every frame covers, ids sorted; rows: target, source."""
     common = sorted(set.intersection(*(set(f.index) for f in frames)))
     if not common:
         raise UserError("the groups' OOF predictions share no images; check their folds")
-    y = frames[0]["target"].reindex(common).to_numpy()
-    return y, np.stack([f["pred"].reindex(common).to_numpy() for f in frames])
+    rows = frames[0][["target", "source"]].reindex(common)
+    return rows, np.stack([f["pred"].reindex(common).to_numpy() for f in frames])
 
 
-def _oof_auc(groups: list[Group], cfg: Config, weights: np.ndarray) -> float | None:
-    """OOF AUC of the blend if every group has OOF predictions, else None (logged)."""
+def oof_matrix(groups: list[Group], runs_dir: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """`(rows, preds (G, N))` over the OOF images every group covers; rows: target, source by image_name."""
+    return _align([group_oof(g, runs_dir) for g in groups])
+
+
+def model_oof(groups: list[Group], cfg: Config) -> tuple[pd.DataFrame, np.ndarray]:
+    """The OOF twin of `blend_by_model`'s models: `(rows, preds (E, N))`, one per experiment.
+
+    An experiment's OOF rows come from disjoint fold models, so combining its views' columns
+    row-wise by `infer.average` is what `blend_by_model` does to each fold model's test files.
+    """
+    frames = []
+    for experiment in sorted({g.experiment for g in groups}):
+        rows, preds = oof_matrix([g for g in groups if g.experiment == experiment], cfg.runs_dir)
+        frames.append(rows.assign(pred=combine_views(_logit(preds), cfg.infer.average)))
+    return _align(frames)
+
+
+def cv_fields(rows: pd.DataFrame, blended: np.ndarray) -> dict:
+    """AUC of OOF `blended` scores: `cv_auc` on the 2020 rows where some hold both classes (the
+    rows the leaderboard scores), else on all rows; `cv_auc_rows` says which; `cv_auc_all` all rows."""
+    scored = rows.assign(pred=blended)
+    auc_all = safe_auc(scored["target"], scored["pred"], "ensemble OOF")
+    auc = auc_2020(scored)
+    if math.isnan(auc):
+        return {"cv_auc": auc_all, "cv_auc_rows": "all", "cv_auc_all": auc_all}
+    return {"cv_auc": auc, "cv_auc_rows": "2020", "cv_auc_all": auc_all}
+
+
+def _oof_cv(groups: list[Group], cfg: Config) -> dict | None:
+    """CV fields of the mean or rank blend on OOF, if every group has OOF predictions, else None (logged)."""
     try:
-        y, preds = oof_matrix(groups, cfg.runs_dir)
-        _check_labels(y)
+        rows, preds = model_oof(groups, cfg)
+        _check_labels(rows["target"].to_numpy())
     except UserError as err:
         log.warning("no OOF AUC for the ensemble: %s", err)
         return None
-    if cfg.ensemble.method == "mean":
-        return float(roc_auc_score(y, np.average(preds, axis=0, weights=weights)))
-    return float(roc_auc_score(y, weighted_average(preds, weights)))
+    return cv_fields(rows, blend(preds, cfg.ensemble.method))
 
 
-def _fallback_auc(members: pd.DataFrame) -> float | None:
+def _manifest_cv(members: pd.DataFrame) -> dict:
+    """The members' mean manifest cv_auc (rows unknown), or None."""
     aucs = members["cv_auc"].dropna()
-    return float(aucs.mean()) if len(aucs) else None
+    auc = float(aucs.mean()) if len(aucs) else None
+    return {"cv_auc": auc, "cv_auc_rows": None, "cv_auc_all": None}
 
 
 def _describe_filters(cfg: Config) -> str:
@@ -272,10 +310,10 @@ def _select(cfg: Config) -> pd.DataFrame:
     return members.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def _blend_groups(groups: list[Group], cfg: Config) -> tuple[pd.DataFrame, np.ndarray, float]:
+def _blend_groups(groups: list[Group], cfg: Config) -> tuple[pd.DataFrame, np.ndarray, dict]:
     """Weighted blend: fit group weights on OOF, blend group-mean test predictions."""
-    y, oof = oof_matrix(groups, cfg.runs_dir)
-    weights = fit_weights(oof, y)
+    rows, oof = oof_matrix(groups, cfg.runs_dir)
+    weights = fit_weights(oof, rows["target"].to_numpy())
     paths = [p for g in groups for p in g.paths]
     ids, preds = read_members(paths)
     sizes = np.cumsum([0] + [len(g.paths) for g in groups])
@@ -283,12 +321,11 @@ def _blend_groups(groups: list[Group], cfg: Config) -> tuple[pd.DataFrame, np.nd
         [preds[a:b].mean(axis=0) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
     )
     df = pd.DataFrame({"image_name": ids, "target": weighted_average(group_preds, weights)})
-    auc = float(roc_auc_score(y, weighted_average(oof, weights)))
-    return df, weights, auc
+    return df, weights, cv_fields(rows, weighted_average(oof, weights))
 
 
 def _summary(
-    method: str, groups: list[Group], group_weights: np.ndarray, auc: float | None, source: str
+    method: str, groups: list[Group], group_weights: np.ndarray, cv: dict, source: str
 ) -> dict:
     """What ensemble.json records; a group's weight is split evenly among its files."""
     file_weights = {
@@ -301,8 +338,8 @@ def _summary(
         "method": method,
         "files": files,
         "weights": [file_weights[f] for f in files],
-        "cv_auc": auc,
-        "cv_auc_source": source if auc is not None else None,
+        **cv,
+        "cv_auc_source": source if cv["cv_auc"] is not None else None,
         "groups": [
             {
                 "experiment": g.experiment,
@@ -320,32 +357,35 @@ def run_ensemble(cfg: Config) -> Path:
     """Blend the manifest's submissions picked by `cfg.ensemble`; write the CSV and a JSON beside it.
 
     The JSON (`<output stem>.json`) records method, files, per-file weights (a group's weight is
-    split evenly among its files), groups and cv_auc: the blend's OOF AUC where every group has
-    OOF predictions, else the mean of the members' manifest cv_auc, else null.
+    split evenly among its files), groups, and cv_auc: the blend's OOF AUC where every group has
+    OOF predictions (on 2020 rows where there are some: `cv_auc_rows`, `cv_auc_all` on all rows;
+    `cv_auc_source` "oof_in_sample" for weighted, whose weights were fitted on those rows), else
+    the mean of the members' manifest cv_auc ("manifest_mean"), else null.
     """
     e = cfg.ensemble
     _check_method(e.method)
     members = _select(cfg)
     groups = _groups(members)
     if e.method == "weighted":
-        df, group_weights, auc = _blend_groups(groups, cfg)
+        df, group_weights, cv = _blend_groups(groups, cfg)
         source = "oof_in_sample"  # weights fitted on the same OOF rows: optimistic
     else:
         df = blend_by_model(members, e.method, cfg.infer.average)
-        # a group's files all count in the file-level blend, so its OOF weighs by its size
+        # recorded as each group's share of the files
         group_weights = np.array([len(g.paths) for g in groups], dtype=np.float64)
         group_weights /= group_weights.sum()
-        auc, source = _oof_auc(groups, cfg, group_weights), "oof"
-        if auc is None:
-            auc, source = _fallback_auc(members), "manifest_mean"
+        cv, source = _oof_cv(groups, cfg), "oof"
+        if cv is None:
+            cv, source = _manifest_cv(members), "manifest_mean"
     output = Path(e.output)
     atomic_write_csv(df, output)
     save_config(cfg, output.parent, output.stem + ".config.yaml")
-    summary = _summary(e.method, groups, group_weights, auc, source)
+    summary = _summary(e.method, groups, group_weights, cv, source)
     atomic_write_text(output.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     log.info("members: %s", ", ".join(Path(f).name for f in summary["files"]))
     for g in summary["groups"]:
         log.info("group %s/%s: folds %s, %d file(s), weight %.4f",
                  g["experiment"], g["view"], g["folds"], len(g["files"]), g["weight"])
-    log.info("wrote %s (%s of %d files, cv_auc %s)", output, e.method, len(summary["files"]), auc)
+    log.info("wrote %s (%s of %d files, cv_auc %s on %s rows, %s)", output, e.method,
+             len(summary["files"]), cv["cv_auc"], cv["cv_auc_rows"], source)
     return output

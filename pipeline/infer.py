@@ -20,7 +20,13 @@ from scipy.special import expit
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.cli import UserError
 from pipeline.config import Config, config_hash, load_config, save_config
-from pipeline.data import dataset_from_frame, eval_transform, make_loader, train_transform
+from pipeline.data import (
+    dataset_from_frame,
+    eval_transform,
+    make_loader,
+    seed_transform,
+    train_transform,
+)
 from pipeline.ensemble import run_ensemble
 from pipeline.merge import load_test
 from pipeline.metrics import safe_auc
@@ -62,16 +68,25 @@ def load_fold_models(cfg: Config, trained: Config) -> list[FoldModel]:
             f"experiment {cfg.experiment!r}: no {cfg.infer.checkpoint}.ckpt for fold(s) {missing} "
             f"under {trained.run_dir}; train them with `make train-all`"
         )
-    aucs = _fold_aucs(trained)
+    aucs = _fold_aucs(trained, cfg.infer.checkpoint)
     return [FoldModel(f, p, load_model(str(p), trained.model), aucs.get(f, math.nan))
             for f, p in paths.items()]
 
 
-def _fold_aucs(trained: Config) -> dict[int, float]:
+def _fold_aucs(trained: Config, checkpoint: str) -> dict[int, float]:
+    """Per-fold CV AUC from cv.json (the quoted metric: 2020 alone where monitored), if cv.json
+    scored the same checkpoint as this inference uses; else none, with a warning."""
     path = trained.run_dir / "cv.json"
     if not path.is_file():
         return {}
-    return {int(k): v for k, v in json.loads(path.read_text())["folds"].items()}
+    cv = json.loads(path.read_text())
+    scored = cv.get("checkpoint", "best")
+    if scored != checkpoint:
+        log.warning("%s scores %s.ckpt but this inference uses %s.ckpt: the manifest gets no "
+                    "per-fold CV (the OOF TTA table scores the models used)", path, scored, checkpoint)
+        return {}
+    key = "folds_2020" if cv.get("cv_auc_metric") == "oof_auc_2020" else "folds"
+    return {int(k): v for k, v in cv[key].items()}
 
 
 def tta_passes(cfg: Config) -> list[tuple[str, int | None]]:
@@ -93,14 +108,14 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
     batch, workers = cfg.infer.batch_size, cfg.data.num_workers  # image settings: trained
     nets = [m.model for m in models]
     if views:
-        ds = dataset_from_frame(frame, trained.data, eval_transform(trained.data), trained.model.metadata)
+        ds = dataset_from_frame(frame, trained.data, eval_transform(trained.data), trained.model, desc)
         index, logits = predict_logits(nets, make_loader(ds, batch, workers, False), views, desc=desc,
                                        max_forward_batch=cfg.infer.max_forward_batch)
         out[:, : len(views), index] = logits
     for p, (_, seed) in enumerate(passes[len(views):], start=len(views)):
         transform = train_transform(trained.data, trained.train.aug)
-        transform.set_random_seed(seed)
-        ds = dataset_from_frame(frame, trained.data, transform, trained.model.metadata)
+        seed_transform(transform, seed)
+        ds = dataset_from_frame(frame, trained.data, transform, trained.model, desc)
         # one process: the seeded augmentation stream is then reproducible
         index, logits = predict_logits(nets, make_loader(ds, batch, 0, False), ["identity"],
                                        desc=f"{desc} seed {seed}")

@@ -62,15 +62,22 @@ def _mean_finite(values) -> float:
 
 
 def cv_summary(oof: pd.DataFrame, bootstrap: int, seed: int = 0) -> dict:
-    """Per-fold AUC, overall OOF AUC, 2020-only AUC and a patient-bootstrap 95% interval."""
+    """Per-fold AUC (all rows and 2020 alone), overall OOF AUC, 2020-only AUC and a
+    patient-bootstrap 95% interval."""
     per_fold = {int(f): safe_auc(g["target"], g["pred"], f"fold {f}") for f, g in oof.groupby("fold")}
+    per_fold_2020 = {int(f): auc_2020(g) for f, g in oof.groupby("fold")}
     lo, hi = patient_bootstrap_ci(oof, bootstrap, seed)
+    part = oof[oof["source"] == COMPETITION_SOURCE]
+    ci_2020 = [lo, hi] if len(part) == len(oof) else list(patient_bootstrap_ci(part, bootstrap, seed))
     return {
         "folds": per_fold,
+        "folds_2020": per_fold_2020,
         "mean_fold_auc": _mean_finite(per_fold.values()),
+        "mean_fold_auc_2020": _mean_finite(per_fold_2020.values()),
         "oof_auc": safe_auc(oof["target"], oof["pred"], "OOF"),
         "oof_auc_2020": auc_2020(oof),
         "oof_auc_ci95": [lo, hi],
+        "oof_auc_2020_ci95": ci_2020,
         "n_images": int(len(oof)),
         "n_positives": int(oof["target"].sum()),
     }

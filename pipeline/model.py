@@ -1,4 +1,8 @@
-"""The LightningModule: any timm backbone, one logit, smoothed pos-weighted BCE, AdamW + OneCycle per step."""
+"""The LightningModule: any timm backbone, a binary or 9-class diagnosis head (optionally with
+metadata and multi-sample dropout), smoothed weighted losses, AdamW + OneCycle per step.
+
+Whatever the target, `forward` returns one score logit per image (for the diagnosis target the
+logit of P(MEL)), so TTA, OOF and ensembling see the same thing."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from torch import nn
 
 from pipeline.cli import UserError
 from pipeline.config import ModelConfig, TrainConfig
+from pipeline.diagnosis import CLASSES, MEL
 from pipeline.metadata import N_FEATURES
 from pipeline.metrics import safe_auc
 
@@ -25,10 +30,14 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
-def create_backbone(cfg: ModelConfig, num_classes: int = 1) -> nn.Module:
-    """A timm model with a single-logit head (or pooled features with `num_classes=0`);
-    local weights via `weights_path`, no hub at run time."""
-    kwargs = {"num_classes": num_classes, "drop_rate": cfg.drop_rate, "drop_path_rate": cfg.drop_path_rate}
+TARGETS = ("binary", "diagnosis")
+MONITORS = ("val_auc_2020", "val_auc")
+
+
+def create_backbone(cfg: ModelConfig, num_classes: int = 0) -> nn.Module:
+    """A timm model giving pooled features (`num_classes=0`); local weights via `weights_path`, no
+    hub at run time. Its own head dropout stays off: the `Head` applies dropout once."""
+    kwargs = {"num_classes": num_classes, "drop_rate": 0.0, "drop_path_rate": cfg.drop_path_rate}
     pretrained = cfg.pretrained or cfg.weights_path is not None
     if cfg.weights_path:
         kwargs["pretrained_cfg_overlay"] = {"file": cfg.weights_path}
@@ -48,18 +57,48 @@ def create_backbone(cfg: ModelConfig, num_classes: int = 1) -> nn.Module:
         ) from None
 
 
-class MetaHead(nn.Module):
-    """Pooled image features and the metadata vector (through a small MLP) → one logit."""
+def meta_mlp(n_in: int, dims: list[int]) -> nn.Sequential:
+    """Metadata through Linear -> BatchNorm -> Swish blocks (the 1st-place solution's meta branch)."""
+    layers: list[nn.Module] = []
+    for width in dims:
+        layers += [nn.Linear(n_in, width), nn.BatchNorm1d(width), nn.SiLU()]
+        n_in = width
+    return nn.Sequential(*layers)
 
-    def __init__(self, n_features: int, n_meta: int = N_FEATURES, hidden: int = 32, drop: float = 0.0):
+
+class Head(nn.Module):
+    """Pooled image features (and the metadata MLP's output) -> dropout -> `n_out` logits.
+
+    Dropout is applied once; with `samples` > 1, that many dropout masks go through the shared
+    classifier and their logits are averaged (multi-sample dropout), in training only.
+    """
+
+    def __init__(self, n_features: int, n_out: int, drop: float, samples: int = 1,
+                 meta_dims: list[int] | None = None):
         super().__init__()
-        self.meta = nn.Sequential(nn.Linear(n_meta, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.meta = meta_mlp(N_FEATURES, meta_dims) if meta_dims else None
+        width = n_features + (meta_dims[-1] if meta_dims else 0)
         self.drop = nn.Dropout(drop)
-        self.fc = nn.Linear(n_features + hidden, 1)
+        self.samples = max(1, samples)
+        self.fc = nn.Linear(width, n_out)
 
-    def forward(self, features: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        meta = self.meta(meta.to(features.dtype))
-        return self.fc(self.drop(torch.cat([features, meta], dim=1)))
+    def forward(self, features: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        x = features
+        if self.meta is not None:
+            if meta is None:
+                raise ValueError("this model was trained with model.metadata=true: pass the metadata")
+            x = torch.cat([x, self.meta(meta.to(x.dtype))], dim=1)
+        if not self.training or self.samples == 1:
+            return self.fc(self.drop(x))
+        return torch.stack([self.fc(self.drop(x)) for _ in range(self.samples)]).mean(0)
+
+
+def score_logit(outputs: torch.Tensor) -> torch.Tensor:
+    """One logit per image from the head's outputs: the binary logit, or log P(MEL) / (1 - P(MEL))."""
+    if outputs.shape[1] == 1:
+        return outputs[:, 0]
+    others = torch.cat([outputs[:, :MEL], outputs[:, MEL + 1:]], dim=1)
+    return outputs[:, MEL] - torch.logsumexp(others, dim=1)
 
 
 def smooth(targets: torch.Tensor, amount: float) -> torch.Tensor:
@@ -74,13 +113,20 @@ class MelanomaModel(pl.LightningModule):
         self.save_hyperparameters()
         self.model_cfg = ModelConfig(**model)
         self.train_cfg = TrainConfig(**{k: v for k, v in train.items() if k != "aug"})
-        meta = self.model_cfg.metadata
-        self.net = create_backbone(self.model_cfg, num_classes=0 if meta else 1)
-        self.meta_head = MetaHead(self.net.num_features, drop=self.model_cfg.drop_rate) if meta else None
+        m = self.model_cfg
+        if m.target not in TARGETS:
+            raise UserError(f"model.target must be one of {list(TARGETS)}, got {m.target!r}")
+        self.net = create_backbone(m)
+        self.head = Head(self.net.num_features, 1 if m.target == "binary" else len(CLASSES),
+                         m.drop_rate, m.dropout_samples, list(m.meta_dims) if m.metadata else None)
         data_cfg = timm.data.resolve_data_config({}, model=self.net)
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pos_weight", torch.tensor([self.train_cfg.pos_weight]), persistent=False)
+        # the diagnosis target weighs melanoma like the binary target's pos_weight
+        class_weight = torch.ones(len(CLASSES))
+        class_weight[MEL] = self.train_cfg.pos_weight
+        self.register_buffer("class_weight", class_weight, persistent=False)
         self._val: list[tuple[torch.Tensor, ...]] = []
         self._first_bad: torch.Tensor | None = None
         self._lrs: dict[int, float] = {}
@@ -99,29 +145,35 @@ class MelanomaModel(pl.LightningModule):
         x = images.permute(0, 3, 1, 2).float()
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised images (and their metadata, for a model trained with it) → one logit each.
+    def outputs(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised images (and their metadata, for a model trained with it) -> the head's
+        logits (B, 1) or (B, 9).
 
         Flipped or transposed views arrive with permuted strides; one cheap copy into the
         layout the convolutions run fastest on (channels-last, on CUDA and CPU alike) keeps every
         view at full speed.
         """
-        out = self.net(x.contiguous(memory_format=torch.channels_last))
-        if self.meta_head is None:
-            return out.squeeze(1)
-        if meta is None:
-            raise ValueError("this model was trained with model.metadata=true: pass the metadata")
-        return self.meta_head(out, meta).squeeze(1)
+        return self.head(self.net(x.contiguous(memory_format=torch.channels_last)), meta)
+
+    def forward(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        """One score logit per image (for the diagnosis target, the logit of P(MEL))."""
+        return score_logit(self.outputs(x, meta))
+
+    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Smoothed pos-weighted BCE (binary), or smoothed melanoma-weighted cross-entropy (diagnosis)."""
+        smoothing = self.train_cfg.label_smoothing
+        if outputs.shape[1] == 1:
+            targets = smooth(batch["target"].float(), smoothing)
+            return F.binary_cross_entropy_with_logits(outputs[:, 0].float(), targets, pos_weight=self.pos_weight)
+        return F.cross_entropy(outputs.float(), batch["label"], weight=self.class_weight,
+                               label_smoothing=smoothing)
 
     def model_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The one step train, validation and test share: (loss, logits, targets)."""
+        """The one step train, validation and test share: (loss, score logits, targets)."""
         self.skipped += int(batch.get("n_skipped", 0))
-        logits = self(self.normalize(batch["image"]), batch.get("meta"))
-        targets = batch["target"].float()
-        loss = F.binary_cross_entropy_with_logits(
-            logits.float(), smooth(targets, self.train_cfg.label_smoothing), pos_weight=self.pos_weight
-        )
-        return loss, logits.detach().float(), targets
+        outputs = self.outputs(self.normalize(batch["image"]), batch.get("meta"))
+        loss = self.loss(outputs, batch)
+        return loss, score_logit(outputs.detach()).float(), batch["target"].float()
 
     def training_step(self, batch: dict, batch_idx: int):
         if batch["image"].numel() == 0:

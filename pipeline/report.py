@@ -14,6 +14,13 @@ from pipeline.metrics import safe_auc
 
 log = logging.getLogger(__name__)
 
+# how ensemble.json's cv_auc was measured (its cv_auc_source)
+ENSEMBLE_LABELS = {
+    "oof": "ensemble OOF AUC",
+    "oof_in_sample": "ensemble OOF AUC (in-sample: weights fitted on these rows)",
+    "manifest_mean": "members' mean CV AUC",
+}
+
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
@@ -43,7 +50,21 @@ def ceiling(cfg: Config, split: str) -> float | None:
     return safe_auc(df["target"], df["latent"], f"{split} ceiling")
 
 
+def _rows_note(ens: dict) -> str | None:
+    if ens.get("cv_auc_rows") == "2020":
+        return f"on 2020 images (all images {ens['cv_auc_all']:.4f})"
+    return "on all images" if ens.get("cv_auc_rows") == "all" else None
+
+
+def ensemble_line(ens: dict) -> str:
+    """The ensemble's CV from its JSON, labelled with how it was measured and on which rows."""
+    label = ENSEMBLE_LABELS.get(ens.get("cv_auc_source"), "ensemble CV AUC")
+    notes = [n for n in (_rows_note(ens), f"{ens['method']} of {len(ens['files'])} files") if n]
+    return f"{label:<25} {ens['cv_auc']:.4f}  ({'; '.join(notes)})"
+
+
 def summary_lines(cfg: Config) -> list[str]:
+    """The summary's lines for `cfg.experiment`: only those whose inputs exist."""
     cv = _read_json(cfg.run_dir / "cv.json")
     tta = _read_json(cfg.run_dir / "tta_oof.json")
     output = Path(cfg.ensemble.output)
@@ -58,7 +79,7 @@ def summary_lines(cfg: Config) -> list[str]:
         lines.append(f"TTA on OOF                {auc['tta']:.4f}  (gain {auc['tta'] - auc['identity']:+.4f}"
                      " over no TTA)")
     if ens and ens.get("cv_auc") is not None:
-        lines.append(f"ensemble OOF AUC          {ens['cv_auc']:.4f}  ({ens['method']} of {len(ens['files'])} files)")
+        lines.append(ensemble_line(ens))
     train_ceiling = ceiling(cfg, "train")
     if train_ceiling is not None:
         lines.append(f"ceiling (latent score)    {train_ceiling:.4f}  train / {ceiling(cfg, 'test'):.4f} test")

@@ -157,16 +157,36 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path}: cannot read JSON: {err}") from None
 
 
+def _run_cv(cfg: Config) -> object:
+    """This run's headline CV from cv.json: `cv_auc`, else `oof_auc` (files written before it)."""
+    path = cfg.run_dir / "cv.json"
+    if not path.is_file():
+        return None
+    cv = _read_json(path)
+    return cv.get("cv_auc", cv.get("oof_auc"))
+
+
+def _ensemble_cv(cfg: Config, ens: dict) -> object:
+    if ens.get("cv_auc_source") != "oof_in_sample":
+        return ens.get("cv_auc")  # null: an ensemble without a CV of its own borrows none
+    # weights fitted on the OOF rows make its AUC optimistic; this run's own CV is honest, but
+    # only stands for an ensemble of this run alone: it must not borrow one run's score
+    experiments = {g.get("experiment") for g in ens.get("groups", [])}
+    return _run_cv(cfg) if experiments <= {cfg.experiment} else None
+
+
 def cv_score(cfg: Config) -> float | None:
-    """The CV AUC to quote: the ensemble's (`<ensemble output>.json`), else this run's cv.json."""
+    """The CV AUC to quote, never an in-sample one.
+
+    The ensemble's (`<ensemble output>.json`) where it was measured out of sample; for a weighted
+    ensemble (weights fitted on the same OOF rows) this run's cv.json, or none if the ensemble
+    spans other experiments; without an ensemble JSON, this run's cv.json.
+    """
     ensemble_json = Path(cfg.ensemble.output).with_suffix(".json")
     if ensemble_json.is_file():
-        # An ensemble without a CV of its own must not borrow one run's score.
-        value = _read_json(ensemble_json).get("cv_auc")
-    elif (cfg.run_dir / "cv.json").is_file():
-        value = _read_json(cfg.run_dir / "cv.json").get("oof_auc")
+        value = _ensemble_cv(cfg, _read_json(ensemble_json))
     else:
-        return None
+        value = _run_cv(cfg)
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 

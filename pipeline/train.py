@@ -32,7 +32,7 @@ from pipeline.data import (
     split_fold,
 )
 from pipeline.metrics import cv_summary
-from pipeline.model import MelanomaModel, load_model
+from pipeline.model import MONITORS, MelanomaModel, load_model
 from pipeline.predict import predict_logits
 
 log = logging.getLogger(__name__)
@@ -58,17 +58,36 @@ def resolve_precision(setting: str) -> str:
     return "16-mixed" if torch.cuda.is_available() else "32-true"
 
 
+def batch_limit(name: str, value: object) -> int | float | None:
+    """Lightning's `limit_*_batches`: an int >= 1 is a number of batches, a float in (0, 1] a share."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"train.{name} must be a number, got {value!r}")
+    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0 < value <= 1:
+        raise UserError(f"train.{name}={value!r}: give a number of batches (an integer >= 1) or a "
+                        "share of them (a float in (0, 1], e.g. 1.0 for all)")
+    return value
+
+
+def check_monitor(monitor: str) -> str:
+    if monitor not in MONITORS:
+        raise UserError(f"train.monitor must be one of {list(MONITORS)}, got {monitor!r}")
+    return monitor
+
+
 def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
     t = cfg.train
+    monitor = check_monitor(t.monitor)
     checkpoint = ModelCheckpoint(
-        dirpath=out, filename="best", monitor="val_auc", mode="max", save_top_k=1,
+        dirpath=out, filename="best", monitor=monitor, mode="max", save_top_k=1,
         save_last=True, enable_version_counter=False, auto_insert_metric_name=False,
     )
     extra = [checkpoint, LearningRateMonitor(logging_interval="step"), *callbacks]
     if t.early_stopping_patience:
-        extra.append(EarlyStopping("val_auc", mode="max", patience=t.early_stopping_patience,
+        extra.append(EarlyStopping(monitor, mode="max", patience=t.early_stopping_patience,
                                    check_finite=False))
-    limits = {k: getattr(t, k) for k in ("limit_train_batches", "limit_val_batches")
+    limits = {k: batch_limit(k, getattr(t, k)) for k in ("limit_train_batches", "limit_val_batches")
               if getattr(t, k) is not None}
     return pl.Trainer(
         default_root_dir=out, max_epochs=t.epochs, precision=resolve_precision(t.precision),
@@ -83,7 +102,7 @@ def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) ->
 def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -> pd.DataFrame:
     """Predictions of `checkpoint` on its fold's validation images, one row per image."""
     model = load_model(str(checkpoint), cfg.model)
-    ds = dataset_from_frame(valid, cfg.data, eval_transform(cfg.data), cfg.model.metadata)
+    ds = dataset_from_frame(valid, cfg.data, eval_transform(cfg.data), cfg.model, f"fold {fold} validation")
     loader = make_loader(ds, cfg.infer.batch_size, cfg.data.num_workers, train=False)
     index, logits = predict_logits([model], loader, ["identity"], desc=f"oof fold {fold}")
     pred = np.full(len(valid), np.nan)
@@ -91,11 +110,12 @@ def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -
     return valid.assign(pred=pred)[OOF_COLUMNS]
 
 
-def _best_checkpoint(out: Path) -> Path:
-    best = out / "best.ckpt"
-    if best.is_file():
-        return best
-    log.warning("%s: no best checkpoint (validation AUC never finite); using last.ckpt", out)
+def scored_checkpoint(out: Path, which: str) -> Path:
+    """The checkpoint inference will use (`infer.checkpoint`: best | last), so the CV scores it."""
+    path = out / f"{which}.ckpt"
+    if path.is_file():
+        return path
+    log.warning("%s: no %s.ckpt (validation AUC never finite); using last.ckpt", out, which)
     return out / "last.ckpt"
 
 
@@ -119,10 +139,11 @@ def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
     if resume.is_file():
         log.info("fold %d: resuming from %s", fold, resume)
     trainer = build_trainer(cfg, out, callbacks)
-    trainer.fit(model, FoldDataModule(cfg, split), ckpt_path=resume if resume.is_file() else None)
+    data = FoldDataModule(cfg, split, seed=cfg.train.seed + fold)
+    trainer.fit(model, data, ckpt_path=resume if resume.is_file() else None)
     if model.skipped:
         log.warning("fold %d: %d unreadable image(s) were skipped", fold, model.skipped)
-    oof = predict_oof(cfg, split.valid, _best_checkpoint(out), fold)
+    oof = predict_oof(cfg, split.valid, scored_checkpoint(out, cfg.infer.checkpoint), fold)
     atomic_write_csv(oof, out / "oof.csv")
     return oof
 
@@ -135,22 +156,33 @@ def summarize(cfg: Config, oofs: list[pd.DataFrame]) -> dict:
         log.warning("%d OOF row(s) without a prediction (skipped images) left out of the CV", int(missing.sum()))
     scored = oof[~missing]
     summary = cv_summary(scored, cfg.train.bootstrap, cfg.train.seed)
+    summary.update(monitor=cfg.train.monitor, checkpoint=cfg.infer.checkpoint)
+    summary.update(headline_cv(summary))
     atomic_write_csv(oof, cfg.run_dir / "oof.csv")
     atomic_write_text(cfg.run_dir / "cv.json", json.dumps(summary, indent=2) + "\n")
     log.info("CV of %s\n%s", cfg.experiment, format_cv_table(scored, summary))
     return summary
 
 
+def headline_cv(summary: dict) -> dict:
+    """The CV to quote: the 2020-only OOF AUC when the checkpoints were picked on the 2020 AUC
+    (the competition scores 2020 images only), else the AUC over every OOF row."""
+    metric = "oof_auc_2020" if summary["monitor"] == "val_auc_2020" else "oof_auc"
+    if math.isnan(summary[metric]):
+        metric = "oof_auc"
+    return {"cv_auc": summary[metric], "cv_auc_metric": metric}
+
+
 def format_cv_table(oof: pd.DataFrame, summary: dict) -> str:
-    rows = [f"{'fold':>6} {'images':>7} {'pos':>5} {'AUC':>7}"]
+    rows = [f"{'fold':>6} {'images':>7} {'pos':>5} {'AUC':>7} {'AUC 2020':>9}"]
     for fold, group in oof.groupby("fold"):
         rows.append(f"{fold:>6} {len(group):>7} {int(group['target'].sum()):>5} "
-                    f"{summary['folds'][int(fold)]:>7.4f}")
+                    f"{summary['folds'][int(fold)]:>7.4f} {summary['folds_2020'][int(fold)]:>9.4f}")
     lo, hi = summary["oof_auc_ci95"]
-    rows.append(f"{'OOF':>6} {len(oof):>7} {summary['n_positives']:>5} {summary['oof_auc']:>7.4f}"
-                f"   95% CI (patient bootstrap) [{lo:.4f}, {hi:.4f}]")
-    if not math.isnan(summary["oof_auc_2020"]):
-        rows.append(f"{'2020':>6} {'':>7} {'':>5} {summary['oof_auc_2020']:>7.4f}   (2020 images only)")
+    rows.append(f"{'OOF':>6} {len(oof):>7} {summary['n_positives']:>5} {summary['oof_auc']:>7.4f} "
+                f"{summary['oof_auc_2020']:>9.4f}   95% CI (patient bootstrap) [{lo:.4f}, {hi:.4f}]")
+    rows.append(f"checkpoints ({summary['checkpoint']}.ckpt) chosen by {summary['monitor']}; "
+                f"CV = {summary['cv_auc_metric']} = {summary['cv_auc']:.4f}")
     return "\n".join(rows)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import expit, logit
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from pipeline.cli import UserError
@@ -271,10 +273,15 @@ MEMBERS = [  # experiment, fold, view of submission<N>.csv, N = position + 1
 ]  # fmt: skip
 
 
+N_2020 = 40  # the first 40 OOF rows are competition (2020) images, the other 20 external
+
+
 def _write_oof(runs: Path, rng) -> None:
     y = np.tile([0, 0, 1], 20)
+    source = ["isic2020"] * N_2020 + ["isic2019"] * (60 - N_2020)
     for exp in ("exp_a", "exp_b"):
-        df = pd.DataFrame({"image_name": TRAIN_IDS, "target": y, "fold": np.arange(60) % 2})
+        df = pd.DataFrame({"image_name": TRAIN_IDS, "target": y, "fold": np.arange(60) % 2,
+                           "source": source})
         for view, noise in (("identity", 1.0), ("hflip", 1.5)):
             df[f"pred_{view}"] = 1 / (1 + np.exp(-(y + noise * rng.normal(size=60))))
         (runs / exp).mkdir(parents=True)
@@ -346,7 +353,7 @@ def test_weighted_run_beats_its_best_group_on_oof(tmp_path):
     for exp, view in groups:
         oof = pd.read_csv(Path(cfg.runs_dir) / exp / "oof_tta.csv")
         best = max(best, roc_auc_score(oof["target"], oof[f"pred_{view}"]))
-    assert summary["cv_auc"] >= best
+    assert summary["cv_auc_all"] >= best  # the weights were fitted on all OOF rows
 
 
 @pytest.mark.parametrize("method", ["mean", "rank", "weighted"])
@@ -381,3 +388,62 @@ def test_weighted_run_needs_oof_predictions(tmp_path):
     (Path(cfg.runs_dir) / "exp_b" / "oof_tta.csv").unlink()
     with pytest.raises(UserError, match=r"exp_b.oof_tta\.csv: file not found"):
         run_ensemble(cfg)
+
+
+# --- the OOF figure of a mean or rank run: the test blend's recipe, on 2020 rows ---------------
+
+
+def _ranks(p: np.ndarray) -> np.ndarray:
+    return rankdata(p) / len(p)
+
+
+VIEW_AVERAGES = {  # how one model's views combine, written out by hand
+    "mean": lambda views: np.mean(views, axis=0),
+    "logit": lambda views: expit(np.mean(logit(views), axis=0)),
+    "rank": lambda views: np.mean([_ranks(v) for v in views], axis=0),
+}
+
+
+def _hand_oof(runs: Path, average: str, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(y, blended)`: exp_a's two views and exp_b's one view combined by `average`, then by `method`."""
+    a, b = (pd.read_csv(runs / exp / "oof_tta.csv") for exp in ("exp_a", "exp_b"))
+    combine = VIEW_AVERAGES[average]
+    per_exp = [combine(np.stack([a["pred_identity"], a["pred_hflip"]])),
+               combine(np.stack([b["pred_identity"]]))]
+    if method == "rank":
+        per_exp = [_ranks(p) for p in per_exp]
+    return a["target"].to_numpy(), np.mean(per_exp, axis=0)
+
+
+@pytest.mark.parametrize(("average", "method"),
+                         [("mean", "mean"), ("logit", "mean"), ("rank", "mean"), ("logit", "rank")])
+def test_oof_auc_follows_the_test_blend_on_2020_rows(tmp_path, average, method):
+    cfg = _setup_run(tmp_path, method)
+    cfg.infer.average = average
+    summary = json.loads(run_ensemble(cfg).with_suffix(".json").read_text())
+    y, blended = _hand_oof(Path(cfg.runs_dir), average, method)
+    assert summary["cv_auc_rows"] == "2020"
+    assert summary["cv_auc"] == pytest.approx(roc_auc_score(y[:N_2020], blended[:N_2020]))
+    assert summary["cv_auc_all"] == pytest.approx(roc_auc_score(y, blended))
+    assert summary["cv_auc"] != pytest.approx(summary["cv_auc_all"])  # the rows tell them apart
+
+
+def test_weighted_run_reports_2020_rows_too(tmp_path):
+    summary = json.loads(run_ensemble(_setup_run(tmp_path, "weighted")).with_suffix(".json").read_text())
+    assert summary["cv_auc_source"] == "oof_in_sample"
+    assert summary["cv_auc_rows"] == "2020"
+    assert summary["cv_auc"] != pytest.approx(summary["cv_auc_all"])
+
+
+@pytest.mark.parametrize("edit", [lambda df: df.drop(columns="source"),
+                                  lambda df: df.assign(source="isic2019")],
+                         ids=["no-source-column", "no-2020-rows"])
+def test_oof_without_2020_rows_is_scored_on_all_rows(tmp_path, edit):
+    cfg = _setup_run(tmp_path, "mean")
+    for exp in ("exp_a", "exp_b"):
+        path = Path(cfg.runs_dir) / exp / "oof_tta.csv"
+        edit(pd.read_csv(path)).to_csv(path, index=False)
+    summary = json.loads(run_ensemble(cfg).with_suffix(".json").read_text())
+    y, blended = _hand_oof(Path(cfg.runs_dir), "mean", "mean")
+    assert summary["cv_auc_rows"] == "all"
+    assert summary["cv_auc"] == summary["cv_auc_all"] == pytest.approx(roc_auc_score(y, blended))

@@ -2,8 +2,7 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import UserError
-from pipeline.config import FoldsConfig, load_config
-from pipeline.config import ExternalConfig
+from pipeline.config import ExternalConfig, FoldsConfig, load_config
 from pipeline.folds import SIZE_BINS, audit, balance, check_folds, describe, make_folds, run_folds
 from pipeline.merge import merge_tables
 

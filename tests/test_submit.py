@@ -312,3 +312,32 @@ def test_cli_failure_is_a_user_error_without_the_key(fake_kaggle, cfg, key, endp
     basic = base64.b64encode(f"testuser:{key}".encode()).decode()
     everything = message + caplog.text + "".join(capsys.readouterr())
     assert key not in everything and basic not in everything
+
+
+def _weighted_json(cfg: Config, experiments: list[str]) -> None:
+    groups = [{"experiment": e, "view": "identity", "folds": [0], "files": [], "weight": 1.0}
+              for e in experiments]
+    write(Path(cfg.ensemble.output).with_suffix(".json"), json.dumps(
+        {"method": "weighted", "files": [], "weights": [], "cv_auc": 0.99, "cv_auc_rows": "2020",
+         "cv_auc_all": 0.98, "cv_auc_source": "oof_in_sample", "groups": groups}))
+
+
+def test_message_never_quotes_an_in_sample_cv(cfg):
+    _weighted_json(cfg, ["exp1"])
+    assert "| cv=n/a |" in submission_message(cfg, "b5")
+    write(cfg.run_dir / "cv.json", json.dumps({"oof_auc": 0.85}))  # written before cv_auc
+    assert "| cv=0.8500 |" in submission_message(cfg, "b5")
+    write(cfg.run_dir / "cv.json", json.dumps(
+        {"oof_auc": 0.85, "oof_auc_2020": 0.83, "cv_auc": 0.83, "cv_auc_metric": "oof_auc_2020"}))
+    assert "| cv=0.8300 |" in submission_message(cfg, "b5")
+
+
+def test_in_sample_cv_of_several_runs_is_not_replaced_by_one_runs(cfg):
+    write(cfg.run_dir / "cv.json", json.dumps({"oof_auc": 0.85, "cv_auc": 0.83}))
+    _weighted_json(cfg, ["exp1", "exp2"])
+    assert "| cv=n/a |" in submission_message(cfg, "b5")
+
+
+def test_message_quotes_the_runs_headline_cv_without_an_ensemble(cfg):
+    write(cfg.run_dir / "cv.json", json.dumps({"oof_auc": 0.85, "cv_auc": 0.83}))
+    assert "| cv=0.8300 |" in submission_message(cfg, "b5")
