@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo data-demo folds train train-all infer ensemble check-submission \
-        submit report download bench test test-slow lint clean-demo
+        submit report download bench compare test test-slow lint clean-demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -77,6 +77,9 @@ submit: $(STAMP) ## check, then kaggle competitions submit: make submit MSG="...
 
 download: $(STAMP) ## kaggle CLI: competition CSVs + 512-px 2020 and ISIC 2019 JPEGs into data/
 	$(call RUN,download)
+
+compare: $(FOLDS_CSV) ## options side by side over seeds (compare.variants), e.g. CONFIG=configs/demo.yaml FOLDS_CSV=folds/demo.csv
+	$(call RUN,compare)
 
 bench: $(STAMP) ## speed figures: Lightning vs plain loop, loader vs cv2, TTA vs forward rate
 	$(call RUN,bench)

@@ -218,6 +218,20 @@ class BenchConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`make compare`: options measured side by side, each over several training seeds."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: dict[str, list[str]] = field(default_factory=lambda: {
+        "baseline": [],
+        "diagnosis": ["model.target=diagnosis"],
+        "metadata": ["model.metadata=true"],
+        "center_crop": ["data.eval_resize=center_crop"],
+    })
+    output: str = "runs/compare"
+
+
+@dataclass
 class Config:
     experiment: str = "default"
     runs_dir: str = "runs"
@@ -230,6 +244,7 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     @property
     def run_dir(self) -> Path:
