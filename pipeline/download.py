@@ -7,7 +7,9 @@ Everything lands in the folder of `data.train_csv` (`data/` in the real configs)
   decode) is never fetched;
 - JPEG_DATASET into `jpeg512/` (`train/`, `test/`, and its own `train.csv` whose tfrecord == -1 marks
   duplicates: `data.duplicates_csv` is written from it when absent, see `write_duplicates`);
-- EXTERNAL_DATASET into `external/` (`train.csv`, `train/`).
+- EXTERNAL_DATASET into `external/` (`train.csv`, `train/`);
+- ISIC's `ISIC_2019_Training_Metadata.csv` (LESIONS_URL, the challenge's own file) to where a
+  `data.external[].lesions_csv` names it, when absent: its lesion ids group the external images.
 
 Nothing appears under a final name until it is whole: the CLI downloads into a staging folder
 `.download/`, single files are moved into place, and each data set is extracted into a hidden
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import urllib.request
 import zipfile
 from contextlib import suppress
 from pathlib import Path
@@ -43,6 +46,9 @@ JPEG_DATASET = "cdeotte/jpeg-melanoma-512x512"
 # anatom_site_general_challenge, diagnosis, benign_malignant, target, tfrecord, width, height) and
 # `train/<image_name>.jpg`.
 EXTERNAL_DATASET = "cdeotte/jpeg-isic2019-512x512"
+# ISIC's own metadata of the 2019 training images (image, age, site, lesion_id, sex): the 512-px
+# re-encode has no lesion ids, so the images of one lesion are found through this file.
+LESIONS_URL = "https://isic-challenge-data.s3.amazonaws.com/2019/ISIC_2019_Training_Metadata.csv"
 JPEG_DIR = "jpeg512"
 EXTERNAL_DIR = "external"
 STAGING_DIR = ".download"
@@ -171,6 +177,26 @@ def write_duplicates(jpeg_train_csv: Path, out: Path, c: ColumnsConfig) -> int:
     return len(dups)
 
 
+def fetch_url(url: str, dest: Path, timeout: float = 120) -> None:
+    """Download `url` to `dest`, whole or not at all; an error names the URL and the file."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(dest) as tmp:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out)
+    except OSError as err:  # URLError and HTTPError are OSErrors
+        raise UserError(f"cannot download {url} to {dest}: {err}; put the file there by hand "
+                        "(it is ISIC's ISIC_2019_Training_Metadata.csv)") from None
+    log.info("downloaded %s to %s", url, dest)
+
+
+def fetch_lesion_tables(cfg: Config, force: bool = False) -> None:
+    """ISIC's 2019 metadata for each external set whose `lesions_csv` is missing (never replaced
+    unless forced: a user's own copy stays)."""
+    for ext in cfg.data.external:
+        if ext.lesions_csv and (force or not Path(ext.lesions_csv).is_file()):
+            fetch_url(LESIONS_URL, Path(ext.lesions_csv))
+
+
 def expected_paths(data_dir: Path) -> dict[str, Path]:
     """What `download` writes into `data_dir`, by the `data` key that should read it."""
     return {
@@ -202,6 +228,7 @@ def download(cfg: Config, force: bool = False) -> Path:
         fetch_competition_file(cfg.submit.competition, name, data_dir / name, credentials, force)
     fetch_dataset(JPEG_DATASET, data_dir / JPEG_DIR, credentials, force)
     fetch_dataset(EXTERNAL_DATASET, data_dir / EXTERNAL_DIR, credentials, force)
+    fetch_lesion_tables(cfg, force)
     with suppress(OSError):  # the CLI's staging folder, once everything has left it
         (data_dir / STAGING_DIR).rmdir()
     duplicates = cfg.data.duplicates_csv

@@ -63,6 +63,18 @@ def ensemble_line(ens: dict) -> str:
     return f"{label:<25} {ens['cv_auc']:.4f}  ({'; '.join(notes)})"
 
 
+def cv_lines(cv: dict) -> list[str]:
+    """The run's CV from cv.json: all rows and 2020 alone, and what chose the checkpoints."""
+    lo, hi = cv["oof_auc_ci95"]
+    lines = [f"CV AUC (OOF, no TTA)      {cv['oof_auc']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]  all rows"]
+    lo, hi = cv.get("oof_auc_2020_ci95", [float("nan")] * 2)
+    lines.append(f"CV AUC, 2020 images only  {cv['oof_auc_2020']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
+    if "monitor" in cv:  # cv.json files written before the monitor was recorded lack it
+        lines.append(f"checkpoints               {cv['checkpoint']}.ckpt chosen by {cv['monitor']}; "
+                     f"the CV quoted is {cv['cv_auc_metric']} = {cv['cv_auc']:.4f}")
+    return lines
+
+
 def summary_lines(cfg: Config) -> list[str]:
     """The summary's lines for `cfg.experiment`: only those whose inputs exist."""
     cv = _read_json(cfg.run_dir / "cv.json")
@@ -71,9 +83,7 @@ def summary_lines(cfg: Config) -> list[str]:
     ens = _read_json(output.with_suffix(".json"))
     lines = [f"experiment {cfg.experiment}"]
     if cv:
-        lo, hi = cv["oof_auc_ci95"]
-        lines.append(f"CV AUC (OOF, no TTA)      {cv['oof_auc']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"
-                     f"  2020-only {cv['oof_auc_2020']:.4f}")
+        lines += cv_lines(cv)
     if tta and {"tta", "identity"} <= set(tta["oof_auc"]):
         auc = tta["oof_auc"]
         lines.append(f"TTA on OOF                {auc['tta']:.4f}  (gain {auc['tta'] - auc['identity']:+.4f}"

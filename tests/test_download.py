@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import UserError
-from pipeline.config import Config, DataConfig, load_config
+from pipeline.config import Config, DataConfig, ExternalConfig, load_config
 from pipeline.download import (
     EXTERNAL_DATASET,
     JPEG_DATASET,
@@ -354,3 +354,45 @@ def test_download_failure_hints_at_the_rules(fake_kaggle, tmp_path):
     with pytest.raises(UserError, match=f"failed .*competitions/{COMPETITION}/rules"):
         download(config_in(tmp_path))
     assert not (tmp_path / "data" / "train.csv").exists()
+
+
+# ---- ISIC's lesion table over HTTP (a server on 127.0.0.1) ----------------------------------------
+
+
+@pytest.fixture
+def http_file(tmp_path):
+    """Serves tmp_path/www over http://127.0.0.1:<port>/ for the duration of a test."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_lesion_table_fetched_when_absent_and_never_replaced(http_file, tmp_path, monkeypatch):
+    from pipeline.download import fetch_lesion_tables
+    root, base = http_file
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    monkeypatch.delenv("http_proxy", raising=False)
+    (root / "meta.csv").write_text("image,lesion_id,gender\nISIC_1,L1,male\n")
+    monkeypatch.setattr("pipeline.download.LESIONS_URL", f"{base}/meta.csv")
+    cfg = Config()
+    target = tmp_path / "data" / "external" / "ISIC_2019_Training_Metadata.csv"
+    cfg.data.external = [ExternalConfig(lesions_csv=str(target))]
+    fetch_lesion_tables(cfg)
+    assert target.read_text() == "image,lesion_id,gender\nISIC_1,L1,male\n"
+    target.write_text("image,lesion_id\nmine,L\n")
+    fetch_lesion_tables(cfg)
+    assert target.read_text() == "image,lesion_id\nmine,L\n"  # a user's copy stays
+    monkeypatch.setattr("pipeline.download.LESIONS_URL", f"{base}/absent.csv")
+    with pytest.raises(UserError, match=r"cannot download .*absent.csv to .*ISIC_2019_Training_Metadata.csv"):
+        fetch_lesion_tables(cfg, force=True)
+    assert target.read_text() == "image,lesion_id\nmine,L\n"  # nothing half-written
+    assert [p.name for p in target.parent.iterdir()] == [target.name]

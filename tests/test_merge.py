@@ -238,9 +238,13 @@ def test_downloaded_external_layout_from_shipped_config(real_data):
         "data.duplicates_csv=null"])
     cfg.data.external[0].ground_truth_csv = str(
         real_data / "external/train_cdeotte_jpeg-isic2019_tfrecord_folds.csv")
+    cfg.data.external[0].lesions_csv = str(real_data / "external/ISIC_2019_Training_Metadata.csv")
     df = merge_tables(cfg.data)
     ext = df[df.source == "isic2019"]
     raw = pd.read_csv(cfg.data.external[0].ground_truth_csv)
     assert len(ext) == len(raw) and ext["target"].sum() == raw["target"].sum()
-    assert ext["patient_id"].str.startswith("image:").all()  # patient_id -1 is not a patient
+    assert not ext["patient_id"].isin(["-1", "lesion:-1"]).any()  # patient_id -1 is not a patient
+    # lesion ids joined by image name from ISIC's metadata: enough for spread mode
+    assert ext["group_known"].mean() >= 0.95
+    assert ext["patient_id"].str.startswith("lesion:").sum() > 20000
     assert ext["diagnosis"].notna().mean() > 0.99 and ext["anatom_site"].notna().mean() > 0.8

@@ -47,3 +47,15 @@ def test_members_mean_is_not_called_an_ensemble_oof_auc(cfg):
 
 def test_no_ensemble_cv_no_line(cfg):
     assert _ensemble_lines(cfg, method="mean", cv_auc=None, cv_auc_source=None) == []
+
+
+def test_report_says_which_auc_chose_the_checkpoints(cfg):
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "cv.json").write_text(json.dumps({
+        "oof_auc": 0.90, "oof_auc_ci95": [0.88, 0.92], "oof_auc_2020": 0.85,
+        "oof_auc_2020_ci95": [0.80, 0.89], "monitor": "val_auc_2020", "checkpoint": "best",
+        "cv_auc": 0.85, "cv_auc_metric": "oof_auc_2020"}))
+    lines = summary_lines(cfg)
+    assert any(x.startswith("CV AUC, 2020 images only  0.8500  95% CI [0.8000, 0.8900]") for x in lines)
+    assert any("best.ckpt chosen by val_auc_2020; the CV quoted is oof_auc_2020 = 0.8500" in x
+               for x in lines)
