@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.cli import UserError
@@ -125,7 +126,10 @@ def seed_transform(transform: A.BaseCompose, seed: int) -> None:
 def seed_worker(worker_id: int) -> None:
     """DataLoader worker start: reseed the dataset's augmentations from the worker's torch seed
     (base seed + worker id), so workers draw different augmentations, reproducibly under a
-    fixed torch seed. Forked workers otherwise all continue the parent's random state."""
+    fixed torch seed. Forked workers otherwise all continue the parent's random state.
+    Lightning's own worker seeding (numpy, random) runs first: a loader with a worker_init_fn
+    does not get Lightning's."""
+    pl_worker_init_function(worker_id)
     info = torch.utils.data.get_worker_info()
     transform = getattr(info.dataset, "transform", None)
     if transform is not None:

@@ -49,6 +49,7 @@ def _deal(stats: pd.DataFrame, n_folds: int, rng: np.random.Generator) -> np.nda
     fold_images, fold_pos, fold_groups = np.zeros(n_folds), np.zeros(n_folds), np.zeros(n_folds)
     folds = np.empty(len(stats), np.int64)
     codes = stats["size_bin"].cat.codes.to_numpy()
+    tie = rng.permutation(n_folds)  # ties go to a seeded fold order, so seeds give unrelated folds
     for b in np.unique(codes)[::-1]:
         members = np.flatnonzero(codes == b)
         members = members[rng.permutation(len(members))]
@@ -61,7 +62,7 @@ def _deal(stats: pd.DataFrame, n_folds: int, rng: np.random.Generator) -> np.nda
                 free = sorted(order[:len(batch)].tolist())
             for i in batch:
                 need = fold_pos * POSITIVE_WEIGHT + fold_images if positives[i] else fold_images
-                f = min(free, key=lambda k: (need[k], k))
+                f = min(free, key=lambda k: (need[k], tie[k]))
                 free.remove(f)
                 folds[i] = f
                 fold_images[f] += images[i]

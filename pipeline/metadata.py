@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.cli import UserError
+from pipeline.merge import COMPETITION_SOURCE
 
 SITES = ["head/neck", "upper extremity", "lower extremity", "torso", "palms/soles", "oral/genital"]
 SITE_ALIASES = {"anterior torso": "torso", "posterior torso": "torso", "lateral torso": "torso"}
@@ -26,12 +27,15 @@ def _column(df: pd.DataFrame, name: str) -> pd.Series:
 
 
 def images_per_patient(df: pd.DataFrame) -> np.ndarray:
-    """How many images of the table share each row's patient (rows without one count alone)."""
+    """How many images of the table share each row's patient. Rows without a patient, and
+    external rows (grouped by lesion, not patient), count 1, as in the winners' code."""
     if "patient_id" not in df.columns:
         return np.ones(len(df))
     patients = df["patient_id"].astype("string")
-    counts = patients.map(patients.value_counts()).fillna(1)
-    return counts.to_numpy(dtype=np.float64)
+    counts = patients.map(patients.value_counts()).fillna(1).to_numpy(dtype=np.float64)
+    if "source" in df.columns:
+        counts = np.where((df["source"] == COMPETITION_SOURCE).to_numpy(), counts, 1.0)
+    return counts
 
 
 def jpeg_bytes(paths: pd.Series) -> np.ndarray:

@@ -117,7 +117,9 @@ class MelanomaModel(pl.LightningModule):
         if m.target not in TARGETS:
             raise UserError(f"model.target must be one of {list(TARGETS)}, got {m.target!r}")
         self.net = create_backbone(m)
-        self.head = Head(self.net.num_features, 1 if m.target == "binary" else len(CLASSES),
+        # pooled width: timm models with a pre-logits stage (MobileNetV3, GhostNet) say head_hidden_size
+        width = getattr(self.net, "head_hidden_size", None) or self.net.num_features
+        self.head = Head(width, 1 if m.target == "binary" else len(CLASSES),
                          m.drop_rate, m.dropout_samples, list(m.meta_dims) if m.metadata else None)
         data_cfg = timm.data.resolve_data_config({}, model=self.net)
         self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1) * 255, persistent=False)

@@ -37,7 +37,7 @@ from pipeline.predict import predict_logits
 
 log = logging.getLogger(__name__)
 
-OOF_COLUMNS = ["image_name", "patient_id", "source", "target", "pred", "fold"]
+OOF_COLUMNS = ["image_name", "patient_id", "source", "target", "pred", "fold", "checkpoint"]
 
 
 def fold_dir(cfg: Config, fold: int) -> Path:
@@ -59,13 +59,13 @@ def resolve_precision(setting: str) -> str:
 
 
 def batch_limit(name: str, value: object) -> int | float | None:
-    """Lightning's `limit_*_batches`: an int >= 1 is a number of batches, a float in (0, 1] a share."""
+    """Lightning's `limit_*_batches`: an int is a number of batches (0: none), a float in (0, 1] a share."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"train.{name} must be a number, got {value!r}")
-    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0 < value <= 1:
-        raise UserError(f"train.{name}={value!r}: give a number of batches (an integer >= 1) or a "
+    if isinstance(value, int) and value < 0 or isinstance(value, float) and not 0 < value <= 1:
+        raise UserError(f"train.{name}={value!r}: give a number of batches (an integer >= 0) or a "
                         "share of them (a float in (0, 1], e.g. 1.0 for all)")
     return value
 
@@ -79,11 +79,14 @@ def check_monitor(monitor: str) -> str:
 def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
     t = cfg.train
     monitor = check_monitor(t.monitor)
-    checkpoint = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=out, filename="best", monitor=monitor, mode="max", save_top_k=1,
-        save_last=True, enable_version_counter=False, auto_insert_metric_name=False,
+        enable_version_counter=False, auto_insert_metric_name=False,
     )
-    extra = [checkpoint, LearningRateMonitor(logging_interval="step"), *callbacks]
+    # every epoch, whatever the monitor says: Lightning's save_last writes only with a new best
+    last = ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False, auto_insert_metric_name=False)
+    extra = [best, last, LearningRateMonitor(logging_interval="step"), *callbacks]
     if t.early_stopping_patience:
         extra.append(EarlyStopping(monitor, mode="max", patience=t.early_stopping_patience,
                                    check_finite=False))
@@ -107,7 +110,7 @@ def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -
     index, logits = predict_logits([model], loader, ["identity"], desc=f"oof fold {fold}")
     pred = np.full(len(valid), np.nan)
     pred[index] = expit(logits[0, 0])
-    return valid.assign(pred=pred)[OOF_COLUMNS]
+    return valid.assign(pred=pred, checkpoint=checkpoint.stem)[OOF_COLUMNS]
 
 
 def scored_checkpoint(out: Path, which: str) -> Path:
@@ -119,17 +122,32 @@ def scored_checkpoint(out: Path, which: str) -> Path:
     return out / "last.ckpt"
 
 
+def score_fold(cfg: Config, fold: int, valid: pd.DataFrame) -> pd.DataFrame:
+    """Predict the fold's validation images with the checkpoint inference uses; write its oof.csv."""
+    out = fold_dir(cfg, fold)
+    oof = predict_oof(cfg, valid, scored_checkpoint(out, cfg.infer.checkpoint), fold)
+    atomic_write_csv(oof, out / "oof.csv")
+    return oof
+
+
 def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
                callbacks: Sequence[Callback] = ()) -> pd.DataFrame:
     """Fit fold `fold` (resuming from last.ckpt if a run was killed) and write its oof.csv.
 
-    A fold whose oof.csv exists is finished and skipped.
+    A fold whose oof.csv exists is finished and skipped; if that OOF scored another checkpoint
+    than `infer.checkpoint`, the fold is scored again (no refit).
     """
     out = fold_dir(cfg, fold)
-    if (out / "oof.csv").is_file():
-        log.info("fold %d: finished earlier (%s), skipped", fold, out / "oof.csv")
-        return pd.read_csv(out / "oof.csv")
     folds = read_folds(cfg) if folds is None else folds
+    if (out / "oof.csv").is_file():
+        oof = pd.read_csv(out / "oof.csv")
+        scored = set(oof["checkpoint"]) if "checkpoint" in oof else {"best"}
+        if scored == {cfg.infer.checkpoint}:
+            log.info("fold %d: finished earlier (%s), skipped", fold, out / "oof.csv")
+            return oof
+        log.info("fold %d: finished earlier; its OOF scored %s, scoring %s.ckpt", fold,
+                 sorted(scored), cfg.infer.checkpoint)
+        return score_fold(cfg, fold, split_fold(folds, fold).valid)
     split = split_fold(folds, fold)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
@@ -143,9 +161,7 @@ def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
     trainer.fit(model, data, ckpt_path=resume if resume.is_file() else None)
     if model.skipped:
         log.warning("fold %d: %d unreadable image(s) were skipped", fold, model.skipped)
-    oof = predict_oof(cfg, split.valid, scored_checkpoint(out, cfg.infer.checkpoint), fold)
-    atomic_write_csv(oof, out / "oof.csv")
-    return oof
+    return score_fold(cfg, fold, split.valid)
 
 
 def summarize(cfg: Config, oofs: list[pd.DataFrame]) -> dict:
@@ -156,7 +172,8 @@ def summarize(cfg: Config, oofs: list[pd.DataFrame]) -> dict:
         log.warning("%d OOF row(s) without a prediction (skipped images) left out of the CV", int(missing.sum()))
     scored = oof[~missing]
     summary = cv_summary(scored, cfg.train.bootstrap, cfg.train.seed)
-    summary.update(monitor=cfg.train.monitor, checkpoint=cfg.infer.checkpoint)
+    checkpoints = sorted(set(oof["checkpoint"])) if "checkpoint" in oof else ["best"]
+    summary.update(monitor=cfg.train.monitor, checkpoint="/".join(checkpoints))
     summary.update(headline_cv(summary))
     atomic_write_csv(oof, cfg.run_dir / "oof.csv")
     atomic_write_text(cfg.run_dir / "cv.json", json.dumps(summary, indent=2) + "\n")
@@ -165,11 +182,9 @@ def summarize(cfg: Config, oofs: list[pd.DataFrame]) -> dict:
 
 
 def headline_cv(summary: dict) -> dict:
-    """The CV to quote: the 2020-only OOF AUC when the checkpoints were picked on the 2020 AUC
-    (the competition scores 2020 images only), else the AUC over every OOF row."""
-    metric = "oof_auc_2020" if summary["monitor"] == "val_auc_2020" else "oof_auc"
-    if math.isnan(summary[metric]):
-        metric = "oof_auc"
+    """The CV to quote: the 2020-only OOF AUC (the competition scores 2020 images only), or the
+    AUC over every OOF row where no 2020 row was scored."""
+    metric = "oof_auc" if math.isnan(summary["oof_auc_2020"]) else "oof_auc_2020"
     return {"cv_auc": summary[metric], "cv_auc_metric": metric}
 
 

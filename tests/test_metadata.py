@@ -97,3 +97,18 @@ def test_fit_and_tta_inference_with_metadata(tmp_path):
     assert model.head.meta is not None
     out = pd.read_csv(run_infer(cfg))
     assert len(out) == len(folds) // 4 and out["target"].between(0, 1).all()
+
+
+def test_external_rows_count_one_image_per_patient():
+    """As in the winners' code: only 2020 patients are counted; a lesion group is no patient."""
+    df = pd.DataFrame({"patient_id": ["IP_1", "IP_1", "lesion:L1", "lesion:L1"],
+                       "source": ["isic2020", "isic2020", "isic2019", "isic2019"]})
+    from pipeline.metadata import images_per_patient
+    np.testing.assert_array_equal(images_per_patient(df), [2, 2, 1, 1])
+
+
+def test_head_fits_backbones_with_a_pre_logits_stage():
+    """MobileNetV3 pools to 288 features but returns 1024 after its pre-logits layer."""
+    model = MelanomaModel.from_configs(ModelConfig(backbone="mobilenetv3_small_050"), TrainConfig()).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2,)

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pytorch_lightning.callbacks import Callback
 
 from pipeline.cli import UserError
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, load_config
@@ -54,17 +55,37 @@ def test_checkpoint_chosen_by_2020_auc_when_external_rows_are_in_validation(tmp_
     assert saved["folds_2020"]["0"] == pytest.approx(roc_auc_score(part["target"], part["pred"]))
 
 
-def test_cv_scores_the_checkpoint_inference_uses(tmp_path):
+class FallingAUC(Callback):
+    """Makes the monitored AUC fall every epoch: epoch 0 stays the best, the last is the last."""
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            trainer.callback_metrics["val_auc_2020"] = torch.tensor(0.9 - 0.1 * trainer.current_epoch)
+
+
+def test_last_checkpoint_is_the_last_epoch_and_cv_scores_the_one_inference_uses(tmp_path):
     folds, overrides = make_tiny_set(tmp_path)
-    cfg = load_config(None, overrides + ["train.epochs=2", "infer.checkpoint=last"])
-    oof = train_fold(cfg, 0, folds)
-    model = load_model(str(fold_dir(cfg, 0) / "last.ckpt"), cfg.model)
+    cfg = load_config(None, overrides + ["train.epochs=3", "infer.checkpoint=last"])
+    oof = train_fold(cfg, 0, folds, callbacks=[FallingAUC()])
+    out = fold_dir(cfg, 0)
+    best = torch.load(out / "best.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == 0 and last["epoch"] == 2  # Lightning's save_last kept epoch 0
+    valid = folds[folds.fold == 0].reset_index(drop=True)
     from pipeline.train import predict_oof
-    again = predict_oof(cfg, folds[folds.fold == 0].reset_index(drop=True),
-                        fold_dir(cfg, 0) / "last.ckpt", 0)
-    assert model is not None
-    np.testing.assert_allclose(oof["pred"], again["pred"], rtol=1e-5)
-    assert json.loads(json.dumps(train_all(cfg, [0])))["checkpoint"] == "last"
+    by_last = predict_oof(cfg, valid, out / "last.ckpt", 0)
+    by_best = predict_oof(cfg, valid, out / "best.ckpt", 0)
+    assert not np.allclose(by_last["pred"], by_best["pred"])
+    np.testing.assert_allclose(oof["pred"], by_last["pred"], rtol=1e-5)
+    assert set(oof["checkpoint"]) == {"last"}
+    assert train_all(cfg, [0])["checkpoint"] == "last"
+    # inference switched to best.ckpt: the finished fold is scored again, not refitted
+    cfg = load_config(None, overrides + ["train.epochs=3", "infer.checkpoint=best"])
+    summary = train_all(cfg, [0])
+    assert summary["checkpoint"] == "best"
+    rescored = pd.read_csv(out / "oof.csv")
+    np.testing.assert_allclose(rescored["pred"], by_best["pred"], rtol=1e-5)
+    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2
 
 
 def test_unknown_monitor_refused(tmp_path):
@@ -197,7 +218,7 @@ def test_limit_train_batches_one_means_one_batch(tmp_path):
     assert trainer.limit_train_batches == 1 and isinstance(trainer.limit_train_batches, int)
     cfg = load_config(None, overrides + ["train.limit_train_batches=1.0"])
     assert build_trainer(cfg, tmp_path / "out").limit_train_batches == 1.0
-    for bad in ("0", "1.5", "abc"):
+    for bad in ("-1", "0.0", "1.5", "abc"):
         cfg = load_config(None, overrides + [f"train.limit_train_batches={bad}"])
         with pytest.raises(UserError, match="limit_train_batches"):
             build_trainer(cfg, tmp_path / "out")
