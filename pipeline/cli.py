@@ -10,6 +10,9 @@ import warnings
 from collections.abc import Callable
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.errors import UserError
+
+__all__ = ["UserError", "run", "parse_args", "setup_logging", "quiet_third_party"]
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +67,18 @@ def run(
         cfg: Config = load_config(args.config, args.overrides)
         main(cfg, args)
     except (ConfigError, UserError) as err:
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         sys.exit(2)
 
 
-class UserError(Exception):
-    """Bad input from the user (a file, a row, a setting): reported in one line, no traceback."""
+def user_message(err: Exception) -> str:
+    """The error's own message. An error raised in a DataLoader worker arrives wrapped
+    ("Caught BadImageError in DataLoader worker process 0.", then the worker's traceback): its
+    last line holds the message, after the exception's qualified name."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last.removeprefix(name).removeprefix(f"{type(err).__qualname__}: ")
+

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.atomic import atomic_write_text
@@ -272,12 +272,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except Exception as err:  # YAML syntax errors come in several types
             raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
         cfg = _merge(cfg, loaded, str(path))
-    if overrides:
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line override")
+    for item in overrides or ():
+        _apply_override(cfg, item)
     return OmegaConf.to_object(cfg)
+
+
+def _apply_override(cfg: DictConfig, item: str) -> None:
+    """One `section.key=value` override; a number in the key indexes a list
+    (`data.external.0.images=/x`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    node: Any = cfg
+    for part in key.split(".")[:-1]:
+        if isinstance(node, ListConfig):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"command-line override {key!r}: {part!r} is not an index of a "
+                                  f"list of {len(node)} entr(ies); give the whole list instead")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            break  # an unknown key: OmegaConf names it below
+    try:
+        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+        OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"command-line override: invalid config key {key!r}: {reason}") from None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -29,11 +29,12 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from pipeline.atomic import atomic_write_csv, atomic_write_text
+from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.cli import UserError
 from pipeline.config import Config, save_config
 from pipeline.metrics import auc_2020, safe_auc
 from pipeline.submissions import MANIFEST_NAME, read_manifest, select_members
+from pipeline.submit import check_before_replace
 from pipeline.tables import check_binary, check_unique, read_csv, some
 from pipeline.tta import combine_views, percentile_ranks
 
@@ -378,7 +379,9 @@ def run_ensemble(cfg: Config) -> Path:
         if cv is None:
             cv, source = _manifest_cv(members), "manifest_mean"
     output = Path(e.output)
-    atomic_write_csv(df, output)
+    with atomic_path(output) as tmp:  # a valid ensemble.csv is never replaced by a failing one
+        df.to_csv(tmp, index=False, lineterminator="\n")
+        check_before_replace(tmp, output, cfg.data.sample_submission)
     save_config(cfg, output.parent, output.stem + ".config.yaml")
     summary = _summary(e.method, groups, group_weights, cv, source)
     atomic_write_text(output.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")

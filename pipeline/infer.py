@@ -34,6 +34,7 @@ from pipeline.model import MelanomaModel, load_model
 from pipeline.predict import predict_logits
 from pipeline.provenance import git_commit
 from pipeline.submissions import append_manifest, write_numbered
+from pipeline.submit import check_ids
 from pipeline.train import fold_dir, read_folds
 from pipeline.tta import combine_views, get_views
 
@@ -49,11 +50,14 @@ class FoldModel:
 
 
 def trained_config(cfg: Config) -> Config:
-    """The config the run was trained with (runs/<experiment>/config.yaml)."""
+    """The config the run was trained with (runs/<experiment>/config.yaml), found under the live
+    `runs_dir`: a run folder moved or copied elsewhere is read (and written) where it is now."""
     path = cfg.run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"experiment {cfg.experiment!r}: {path} not found; run `make train-all` first")
-    return load_config(path)
+    trained = load_config(path)
+    trained.runs_dir = cfg.runs_dir
+    return trained
 
 
 def load_fold_models(cfg: Config, trained: Config) -> list[FoldModel]:
@@ -110,7 +114,8 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
     if views:
         ds = dataset_from_frame(frame, trained.data, eval_transform(trained.data), trained.model, desc)
         index, logits = predict_logits(nets, make_loader(ds, batch, workers, False), views, desc=desc,
-                                       max_forward_batch=cfg.infer.max_forward_batch)
+                                       max_forward_batch=cfg.infer.max_forward_batch,
+                                       progress=cfg.train.progress_bar)
         out[:, : len(views), index] = logits
     for p, (_, seed) in enumerate(passes[len(views):], start=len(views)):
         transform = train_transform(trained.data, trained.train.aug)
@@ -118,7 +123,7 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
         ds = dataset_from_frame(frame, trained.data, transform, trained.model, desc)
         # one process: the seeded augmentation stream is then reproducible
         index, logits = predict_logits(nets, make_loader(ds, batch, 0, False), ["identity"],
-                                       desc=f"{desc} seed {seed}")
+                                       desc=f"{desc} seed {seed}", progress=cfg.train.progress_bar)
         out[:, p, index] = logits[:, 0]
     return out
 
@@ -178,12 +183,22 @@ def tta_table(oof: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def check_test_ids(cfg: Config, test: pd.DataFrame) -> None:
+    """The test ids must be the sample submission's, checked before anything is written."""
+    sample = Path(cfg.data.sample_submission)
+    if sample.is_file():
+        check_ids(test["image_name"], sample, f"test set {cfg.data.test_csv}")
+    else:
+        log.warning("%s not found: the test ids are not checked against a sample submission", sample)
+
+
 def run_infer(cfg: Config) -> Path:
     """The `make infer` stage: numbered submissions, the OOF TTA table, then the ensemble."""
     trained = trained_config(cfg)
     models = load_fold_models(cfg, trained)
     save_config(cfg, trained.run_dir, "infer.config.yaml")
     test = load_test(cfg.data)
+    check_test_ids(cfg, test)
     logits = predict_all(cfg, trained, models, test, "test tta")
     numbers = write_submissions(cfg, trained, models, test, logits)
     if cfg.infer.oof_tta:

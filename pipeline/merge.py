@@ -159,6 +159,10 @@ def drop_duplicates(df: pd.DataFrame, path: str, c: ColumnsConfig) -> pd.DataFra
     """Drop the second image of each known duplicate pair (ISIC's list), keeping the first."""
     pairs = read_csv(path, [c.dup_image, c.dup_other])
     drop = set(pairs[c.dup_other]) - set(pairs[c.dup_image])
+    unknown = sorted(drop - set(df["image_name"]))
+    if unknown:
+        log.warning("%s: %d of the %d image(s) it marks as duplicates are in no input set (another "
+                    "competition's list?): %s", path, len(unknown), len(drop), some(unknown))
     keep = ~df["image_name"].isin(drop)
     log.info("%s: dropped %d duplicate image(s)", path, int((~keep).sum()))
     return df[keep].reset_index(drop=True)

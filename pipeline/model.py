@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import pytorch_lightning as pl
 import timm
@@ -269,9 +270,28 @@ def warmup_fraction(pct_start: float, total_steps: int) -> float:
     return min(max(pct_start, least), 1 - least)
 
 
+def read_checkpoint(path: str) -> dict:
+    """A Lightning checkpoint as a dict, or one error naming the file and what is wrong with it."""
+    size = Path(path).stat().st_size if Path(path).is_file() else None
+    if size is None:
+        raise UserError(f"{path}: checkpoint not found")
+    if size == 0:
+        raise UserError(f"{path}: checkpoint is empty (0 bytes): a copy or save that never finished")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises EOFError, UnpicklingError, RuntimeError, ... by damage
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}); "
+                        "truncated or corrupt: retrain the fold or restore the file") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
 def load_model(path: str, model: ModelConfig, device: torch.device | str = "cpu") -> MelanomaModel:
-    """Load a fold checkpoint, refusing one trained for another architecture than configured."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """Load a fold checkpoint, refusing one trained for another architecture than configured,
+    and naming the file when it is empty, truncated or not a checkpoint at all."""
+    ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters", {})
     trained = hp.get("model", {}).get("backbone")
     if trained != model.backbone:

@@ -35,6 +35,7 @@ def with_meta(model: MelanomaModel, meta: torch.Tensor | None) -> Callable[[torc
 def predict_logits(
     models: Sequence[MelanomaModel], loader: DataLoader, views: Sequence[View | str],
     device: torch.device | None = None, desc: str = "predict", max_forward_batch: int = 512,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Dataset row indices (N,) and logits (M, V, N): every model on every view of each batch.
 
@@ -50,7 +51,7 @@ def predict_logits(
             m.net.to(memory_format=torch.channels_last)
     dtype = amp_dtype(device)
     indices, logits = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, mininterval=2):
+    for batch in tqdm(loader, desc=desc, leave=False, mininterval=2, disable=not progress):
         if batch["image"].numel() == 0:
             continue
         images = batch["image"].to(device, non_blocking=True)

@@ -9,7 +9,9 @@ nothing is overwritten and no reader sees a half-written file. The manifest
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
+import io
 import logging
 import os
 import re
@@ -20,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+
+from pipeline.atomic import NO_ROOM, no_room_error, umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +55,19 @@ def submission_numbers(folder: str | Path) -> list[int]:
 
 
 def _write_temp_csv(df: pd.DataFrame, folder: Path) -> Path:
+    """The frame as a finished temporary CSV in `folder`; removed again if the write fails."""
     fd, tmp = tempfile.mkstemp(prefix=".submission.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w", newline="") as handle:
-        df.to_csv(handle, index=False, lineterminator="\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            df.to_csv(handle, index=False, lineterminator="\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, umask_mode())
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in NO_ROOM:
+            raise no_room_error(err, folder / "submission<N>.csv") from None
+        raise
     return Path(tmp)
 
 
@@ -121,14 +133,55 @@ def append_manifest(folder: str | Path, row: dict) -> Path:
     path = folder / MANIFEST_NAME
     with _locked(folder / f".{MANIFEST_NAME}.lock"):
         new = not path.exists() or path.stat().st_size == 0
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-            handle.flush()
-            os.fsync(handle.fileno())
+        if not new:
+            _cut_torn_tail(path)
+        text = _csv_line(MANIFEST_COLUMNS, row)
+        if new:
+            text = ",".join(MANIFEST_COLUMNS) + "\n" + text
+        _append_whole(path, text)
     return path
+
+
+def _csv_line(columns: Sequence[str], row: dict) -> str:
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n").writerow(row)
+    return buffer.getvalue()
+
+
+def _append_whole(path: Path, text: str) -> None:
+    """Append `text` in one write; if it cannot be written whole, cut the file back to where it was."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, umask_mode())
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):  # cut short by a full disk or a size limit
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError as err:
+            os.ftruncate(fd, start)
+            if err.errno in NO_ROOM:
+                raise no_room_error(err, path, "the row was not added, earlier rows are intact") from None
+            raise
+    finally:
+        os.close(fd)
+
+
+def _torn_tail(data: bytes) -> int | None:
+    """Where an unfinished last line starts (a write cut short), or None if the file ends whole."""
+    if not data or data.endswith(b"\n"):
+        return None
+    return data.rfind(b"\n") + 1
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Remove an unfinished last line left by an interrupted writer, saying so."""
+    data = path.read_bytes()
+    start = _torn_tail(data)
+    if start is not None:
+        log.warning("%s: removed an unfinished last line (%r) left by an interrupted run", path,
+                    data[start:start + 80].decode(errors="replace"))
+        os.truncate(path, start)
 
 
 def read_manifest(folder: str | Path) -> pd.DataFrame:
@@ -139,7 +192,13 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     path = Path(folder) / MANIFEST_NAME
     if not path.exists():
         return pd.DataFrame({c: pd.Series(dtype="string") for c in MANIFEST_COLUMNS})
-    df = pd.read_csv(path, dtype="string", keep_default_na=False, na_values=[""])
+    data = path.read_bytes()
+    start = _torn_tail(data)
+    if start is not None:
+        line = data[:start].count(b"\n") + 1
+        log.warning("%s: line %d is unfinished (an interrupted run); ignoring it", path, line)
+        data = data[:start]
+    df = pd.read_csv(io.BytesIO(data), dtype="string", keep_default_na=False, na_values=[""])
     for column in ("n", "fold", "seed"):
         df[column] = pd.to_numeric(df[column], errors="coerce").astype("Int64")
     df["cv_auc"] = pd.to_numeric(df["cv_auc"], errors="coerce").astype("float64")

@@ -63,7 +63,35 @@ def _sample_ids(sample_path: str | Path) -> pd.Series:
     sample = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "image_name" not in sample.columns:
         raise UserError(f"{path}: no image_name column; found {list(sample.columns)}")
-    return sample["image_name"]
+    ids = sample["image_name"]
+    dup = ids.duplicated(keep=False)
+    if dup.any():
+        shown = [f"{i} (line {n + 2})" for n, i in ids[dup].items()]
+        raise UserError(f"{path}: the sample submission lists {ids[dup].nunique()} image id(s) more "
+                        f"than once: {some(shown, SHOW)}; a submission cannot match it")
+    return ids
+
+
+def check_ids(ids: pd.Series, sample_path: str | Path, what: str) -> None:
+    """Refuse a set of ids (a test set's, before inference) that is not exactly the sample's."""
+    defects = _id_defects(ids.reset_index(drop=True), _sample_ids(sample_path), sample_path)
+    if defects:
+        raise SubmissionError(f"{what}: its image ids do not match {sample_path}, so no submission "
+                              f"from it would be accepted: " + "; ".join(defects))
+
+
+def check_before_replace(tmp: Path, final: Path, sample_path: str | Path) -> None:
+    """Check a finished temporary submission before it replaces `final`; where no sample
+    submission exists, say that nothing was checked."""
+    if not Path(sample_path).is_file():
+        log.warning("%s not found: %s is written unchecked (set data.sample_submission)",
+                    sample_path, final)
+        return
+    try:
+        check_submission(tmp, sample_path)
+    except SubmissionError as err:
+        reason = str(err).split(": ", 1)[1]
+        raise SubmissionError(f"{final}: not replaced, the new file fails the check: {reason}") from None
 
 
 def _first_line(path: Path) -> str:

@@ -92,13 +92,35 @@ def check_binary(df: pd.DataFrame, column: str, path: str | Path) -> pd.Series:
     return values.astype("int64")
 
 
+def file_defect(path: str) -> str | None:
+    """Why an image file cannot be used, from its size and a JPEG's first and last bytes (no
+    decode: cheap enough for every image before a run): missing, empty, or a JPEG cut short."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            if not head:
+                return "empty"
+            f.seek(max(0, f.seek(0, 2) - 32))
+            tail = f.read()
+    except OSError:
+        return "missing"
+    if str(path).lower().endswith((".jpg", ".jpeg")):
+        if head != b"\xff\xd8":
+            return "not a JPEG"
+        if b"\xff\xd9" not in tail:
+            return "truncated JPEG"
+    return None
+
+
 def check_files_exist(paths: pd.Series, names: pd.Series, source: str) -> None:
-    """Every listed image must be on disk; reports all missing ones, not only the first."""
-    exists = paths.map(lambda p: Path(p).is_file())
-    if not exists.all():
-        missing = names[~exists]
-        folder = Path(paths[~exists].iloc[0]).parent
+    """Every listed image must be on disk and whole; reports every bad one, by reason, at once."""
+    defects = paths.map(file_defect)
+    bad = defects.notna()
+    if bad.any():
+        folder = Path(paths[bad].iloc[0]).parent
+        kinds = [f"{kind}: {int((defects == kind).sum())} ({some(names[defects == kind])})"
+                 for kind in sorted(set(defects[bad]))]
         raise UserError(
-            f"{source}: {len(missing)} of {len(paths)} listed image(s) missing on disk "
-            f"(looked in {folder}): {some(missing)}"
+            f"{source}: {int(bad.sum())} of {len(paths)} listed image(s) missing or unreadable "
+            f"(looked in {folder}); " + "; ".join(kinds)
         )

@@ -107,7 +107,8 @@ def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -
     model = load_model(str(checkpoint), cfg.model)
     ds = dataset_from_frame(valid, cfg.data, eval_transform(cfg.data), cfg.model, f"fold {fold} validation")
     loader = make_loader(ds, cfg.infer.batch_size, cfg.data.num_workers, train=False)
-    index, logits = predict_logits([model], loader, ["identity"], desc=f"oof fold {fold}")
+    index, logits = predict_logits([model], loader, ["identity"], desc=f"oof fold {fold}",
+                                   progress=cfg.train.progress_bar)
     pred = np.full(len(valid), np.nan)
     pred[index] = expit(logits[0, 0])
     return valid.assign(pred=pred, checkpoint=checkpoint.stem)[OOF_COLUMNS]
@@ -203,15 +204,20 @@ def format_cv_table(oof: pd.DataFrame, summary: dict) -> str:
 
 def check_same_training(cfg: Config) -> None:
     """Refuse to add to or resume a run whose models were trained with other settings: resumed
-    schedules would not fit (OneCycle's length), and inference reads the run's saved config."""
+    schedules would not fit (OneCycle's length), and inference reads the run's saved config.
+    A saved config with nothing trained under it (a start that failed) does not count."""
     path = cfg.run_dir / "config.yaml"
     if not path.is_file():
         return
+    trained = sorted(cfg.run_dir.glob("fold*/*.ckpt")) + sorted(cfg.run_dir.glob("fold*/oof.csv"))
     changed = changed_settings(load_config(path), cfg)
-    if changed:
+    if changed and not trained:
+        log.info("%s: nothing was trained with its settings yet; replacing it", path)
+    elif changed:
         raise UserError(
-            f"experiment {cfg.experiment!r} was trained with other settings ({path}): "
-            f"{'; '.join(changed[:10])}. Use a new name (experiment=...) or remove {cfg.run_dir}"
+            f"experiment {cfg.experiment!r} was trained with other settings ({path}; e.g. "
+            f"{trained[0]}): {'; '.join(changed[:10])}. Use a new name (experiment=...) or remove "
+            f"{cfg.run_dir}"
         )
 
 

@@ -19,7 +19,7 @@ def write(path: Path, text: str) -> str:
 def touch_images(folder: Path, names):
     folder.mkdir(parents=True, exist_ok=True)
     for n in names:
-        (folder / f"{n}.jpg").write_bytes(b"x")
+        (folder / f"{n}.jpg").write_bytes(b"\xff\xd8 stand-in \xff\xd9")
 
 
 def data_cfg(tmp_path, train_rows, external=None, dup=None) -> DataConfig:
