@@ -154,6 +154,8 @@ class TrainConfig:
     # what picks best.ckpt (and early stopping): val_auc_2020, the AUC on the competition's own
     # images, or val_auc over every validation row (external ones too in spread mode)
     monitor: str = "val_auc_2020"
+    # last.ckpt is written after every epoch; set this to also write it within long epochs
+    checkpoint_every_minutes: float | None = None
     progress_bar: bool = True
     log_every_n_steps: int = 50  # each logged step (and divergence check) syncs the GPU once
     # Lightning's meaning: an int is a number of batches, a float in (0, 1] a share of them

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from datetime import timedelta
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,6 +88,10 @@ def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) ->
     last = ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False, auto_insert_metric_name=False)
     extra = [best, last, LearningRateMonitor(logging_interval="step"), *callbacks]
+    if t.checkpoint_every_minutes:  # a killed fold then loses minutes, not a whole long epoch
+        extra.insert(2, ModelCheckpoint(
+            dirpath=out, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+            train_time_interval=timedelta(minutes=t.checkpoint_every_minutes)))
     if t.early_stopping_patience:
         extra.append(EarlyStopping(monitor, mode="max", patience=t.early_stopping_patience,
                                    check_finite=False))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.atomic import atomic_write_csv
 from pipeline.cli import UserError, user_message
@@ -277,3 +278,98 @@ def test_progress_bars_obey_the_setting(tmp_path, capsys):
     assert "quiet" not in capsys.readouterr().err
     predict_logits([model], loader, ["identity"], desc="loud", progress=True)
     assert "loud" in capsys.readouterr().err
+
+
+# ---- killed runs -------------------------------------------------------------------------------
+
+KILL_FIT = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from pytorch_lightning.callbacks import Callback
+from pipeline.config import load_config
+from pipeline.train import train_fold
+from tests.conftest import make_tiny_set
+folds, overrides = make_tiny_set(__import__("pathlib").Path({root!r}))
+class Kill(Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+train_fold(load_config(None, overrides + {extra!r}), 0, folds, callbacks=[Kill()])
+"""
+
+
+@pytest.mark.parametrize("extra,kill_at,saved", [
+    (["train.epochs=3"], 6, 4),  # killed in epoch 2: resumes at the end of epoch 1
+    (["train.epochs=3", "train.checkpoint_every_minutes=1e-6"], 7, 6),  # within the epoch
+])
+def test_a_killed_fold_resumes_and_ends_like_an_uninterrupted_one(tmp_path, extra, kill_at, saved):
+    from pytorch_lightning.callbacks import Callback
+
+    class Record(Callback):
+        def __init__(self):
+            self.start, self.lrs = None, []
+
+        def on_train_start(self, trainer, pl_module):
+            self.start = trainer.global_step
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    script = KILL_FIT.format(repo=str(REPO), root=str(tmp_path), kill_at=kill_at, extra=extra)
+    killed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=300,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    folds, overrides = make_tiny_set(tmp_path)
+    cfg = load_config(None, overrides + extra)
+    out = fold_dir(cfg, 0)
+    assert torch.load(out / "last.ckpt", weights_only=False)["global_step"] == saved
+    assert not (out / "oof.csv").exists()
+    resumed = Record()
+    from pipeline.train import train_fold
+    oof = train_fold(cfg, 0, folds, callbacks=[resumed])
+    fresh_cfg = load_config(None, overrides + extra + [f"runs_dir={tmp_path}/fresh"])
+    fresh = Record()
+    train_fold(fresh_cfg, 0, folds, callbacks=[fresh])
+    assert resumed.start == saved
+    assert saved + len(resumed.lrs) == len(fresh.lrs)  # the same number of optimizer steps
+    np.testing.assert_allclose(resumed.lrs, fresh.lrs[saved:], rtol=1e-6)  # the same OneCycle
+    assert torch.load(out / "last.ckpt", weights_only=False)["global_step"] == len(fresh.lrs)
+    valid = folds[folds.fold == 0]
+    assert sorted(oof["image_name"]) == sorted(valid["image_name"])  # each image exactly once
+
+
+def test_two_inferences_at_once_and_a_killed_one_lose_nothing(trained):
+    root, overrides, cfg = trained
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    infer = ("import sys; sys.path.insert(0, {repo!r})\n"
+             "from pipeline.config import load_config\nfrom pipeline.infer import run_infer\n"
+             "import pipeline.infer as infer, os, signal\n"
+             "{patch}"
+             "run_infer(load_config(None, {overrides!r}))\n")
+    folder = Path(cfg.infer.submissions_dir)
+    before = len(read_manifest(folder))
+    views = ["infer.views=[identity,hflip,vflip]"]
+    runs = [subprocess.Popen([sys.executable, "-c", infer.format(repo=str(REPO), patch="",
+                                                                overrides=overrides + views)],
+                             cwd=root, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()[-2000:]
+    manifest = read_manifest(folder)
+    new = manifest.iloc[before:]
+    assert len(new) == 2 * 3 * 3  # two runs x 3 folds x 3 views, every row whole
+    assert new["n"].is_unique and all((folder / f).is_file() for f in new["file"])
+    # killed after its second file: what it wrote stays numbered, the rerun builds a valid ensemble
+    patch = ("real = infer.write_numbered\ncount = [0]\n"
+             "def dying(*a, **k):\n    count[0] += 1\n"
+             "    if count[0] == 3:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    return real(*a, **k)\ninfer.write_numbered = dying\n")
+    killed = subprocess.run([sys.executable, "-c", infer.format(repo=str(REPO), patch=patch,
+                                                                overrides=overrides + views)],
+                            cwd=root, env=env, timeout=300, capture_output=True, text=True)
+    assert killed.returncode == -9
+    assert len(read_manifest(folder)) == len(manifest) + 2
+    assert not list(folder.glob(".submission.*"))
+    output = run_infer(load_config(None, overrides + views))
+    check_submission(output, root / "sample.csv")
+    assert len(read_manifest(folder)) == len(manifest) + 2 + 9
