@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from datetime import timedelta
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
