@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from scipy.special import expit
 
-from pipeline.atomic import atomic_write_csv, atomic_write_text
+from pipeline.atomic import NO_ROOM, atomic_write_csv, atomic_write_text, no_room_error
 from pipeline.cli import UserError
 from pipeline.config import Config, changed_settings, load_config, save_config
 from pipeline.data import (
@@ -33,7 +33,7 @@ from pipeline.data import (
     split_fold,
 )
 from pipeline.metrics import cv_summary
-from pipeline.model import MONITORS, MelanomaModel, load_model
+from pipeline.model import MONITORS, MelanomaModel, load_model, read_checkpoint
 from pipeline.predict import predict_logits
 
 log = logging.getLogger(__name__)
@@ -161,10 +161,17 @@ def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
     model = MelanomaModel.from_configs(cfg.model, cfg.train, fold)
     resume = out / "last.ckpt"
     if resume.is_file():
+        read_checkpoint(str(resume))  # a damaged one is named here, not deep inside Lightning
         log.info("fold %d: resuming from %s", fold, resume)
     trainer = build_trainer(cfg, out, callbacks)
     data = FoldDataModule(cfg, split, seed=cfg.train.seed + fold)
-    trainer.fit(model, data, ckpt_path=resume if resume.is_file() else None)
+    try:
+        trainer.fit(model, data, ckpt_path=resume if resume.is_file() else None)
+    except OSError as err:
+        if err.errno in NO_ROOM:
+            where = Path(err.filename) if err.filename else out
+            raise no_room_error(err, where, f"fold {fold} resumes from its last whole checkpoint") from None
+        raise
     if model.skipped:
         log.warning("fold %d: %d unreadable image(s) were skipped", fold, model.skipped)
     return score_fold(cfg, fold, split.valid)

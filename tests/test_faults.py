@@ -373,3 +373,32 @@ def test_two_inferences_at_once_and_a_killed_one_lose_nothing(trained):
     output = run_infer(load_config(None, overrides + views))
     check_submission(output, root / "sample.csv")
     assert len(read_manifest(folder)) == len(manifest) + 2 + 9
+
+
+def test_a_damaged_last_checkpoint_is_named_before_resuming(tmp_path):
+    from pipeline.train import train_fold
+    folds, overrides = make_tiny_set(tmp_path)
+    cfg = load_config(None, overrides + ["train.epochs=1"])
+    out = fold_dir(cfg, 0)
+    out.mkdir(parents=True)
+    (out / "last.ckpt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    with pytest.raises(UserError, match=r"fold0/last.ckpt: not a readable checkpoint"):
+        train_fold(cfg, 0, folds)
+
+
+def test_a_full_disk_during_training_is_one_error_naming_the_fold(tmp_path):
+    result = run_limited(f"""
+        from pathlib import Path
+        from pipeline.config import load_config
+        from pipeline.train import train_fold
+        from pipeline.cli import UserError
+        from tests.conftest import make_tiny_set
+        import resource
+        folds, overrides = make_tiny_set(Path({str(tmp_path)!r}))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300000, 2**40))  # the disk fills after the images
+        try:
+            train_fold(load_config(None, overrides + ["train.epochs=1"]), 0, folds)
+        except UserError as err:
+            print("ERROR", err)
+        """, 2**40, tmp_path)
+    assert "runs/tiny/fold0: cannot write it (File too large); fold 0 resumes from its last whole checkpoint" in result.stdout, result.stderr[-2000:]
