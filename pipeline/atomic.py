@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +22,15 @@ from pipeline.errors import UserError
 NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-def umask_mode(mode: int = 0o666) -> int:
-    """`mode` as the process's umask would leave it for a newly created file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
+def create_temp(folder: Path, prefix: str) -> tuple[int, Path]:
+    """A new, exclusively created file in `folder` (fd, path). Created with mode 0666, so the
+    kernel applies the umask: the finished file gets the permissions a user expects."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), path
+        except FileExistsError:
+            continue
 
 
 def no_room_error(err: OSError, path: Path, kept: str = "nothing was replaced") -> UserError:
@@ -40,12 +44,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_path = create_temp(path.parent, f".{path.name}.")
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, umask_mode())
         os.replace(tmp_path, path)
     except OSError as err:
         if err.errno in NO_ROOM:

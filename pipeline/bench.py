@@ -27,7 +27,6 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from pipeline.atomic import atomic_write_text
-from pipeline.cli import UserError
 from pipeline.config import Config, FoldsConfig, SyntheticConfig
 from pipeline.data import (
     ImageDataset,
@@ -37,6 +36,7 @@ from pipeline.data import (
     train_transform,
 )
 from pipeline.ensemble import blend_by_model
+from pipeline.errors import UserError
 from pipeline.folds import make_folds
 from pipeline.model import MelanomaModel
 from pipeline.predict import amp_dtype, default_device, predict_logits

@@ -275,15 +275,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
         cfg = _merge(cfg, loaded, str(path))
     for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+    indexed = [o for o in overrides or () if any(p.isdigit() for p in o.split("=", 1)[0].split("."))]
+    plain = [o for o in overrides or () if o not in indexed]
+    if plain:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(plain), "command-line override")
+    for item in indexed:
         _apply_override(cfg, item)
     return OmegaConf.to_object(cfg)
 
 
 def _apply_override(cfg: DictConfig, item: str) -> None:
-    """One `section.key=value` override; a number in the key indexes a list
-    (`data.external.0.images=/x`)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+    """One `section.key=value` override whose key indexes a list (`data.external.0.images=/x`)."""
     key, raw = item.split("=", 1)
     node: Any = cfg
     for part in key.split(".")[:-1]:
@@ -316,7 +320,8 @@ def config_hash(cfg: Config) -> str:
 # what decides the trained models; paths of the test set, workers and the later stages do not
 TRAINING_SECTIONS = ("data", "folds", "model", "train")
 NOT_TRAINING = {"data.num_workers", "data.check_images", "data.test_csv", "data.test_images",
-                "data.sample_submission"}
+                "data.sample_submission", "train.checkpoint_every_minutes", "train.progress_bar",
+                "train.log_every_n_steps"}
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -19,9 +19,9 @@ import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from pipeline.cli import UserError
 from pipeline.config import AugConfig, Config, DataConfig, ModelConfig
 from pipeline.diagnosis import diagnosis_labels
+from pipeline.errors import UserError
 from pipeline.merge import COMPETITION_SOURCE
 from pipeline.metadata import encode_metadata
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.atomic import atomic_path, atomic_write_csv
-from pipeline.cli import UserError
 from pipeline.config import ColumnsConfig, Config
+from pipeline.errors import UserError
 from pipeline.submit import KaggleCredentials, find_kaggle_credentials, run_kaggle
 from pipeline.tables import read_csv
 

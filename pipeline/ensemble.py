@@ -30,8 +30,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from pipeline.atomic import atomic_path, atomic_write_text
-from pipeline.cli import UserError
 from pipeline.config import Config, save_config
+from pipeline.errors import UserError
 from pipeline.metrics import auc_2020, safe_auc
 from pipeline.submissions import MANIFEST_NAME, read_manifest, select_members
 from pipeline.submit import check_before_replace

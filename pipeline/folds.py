@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.atomic import atomic_write_csv
-from pipeline.cli import UserError
 from pipeline.config import Config, FoldsConfig, save_config
+from pipeline.errors import UserError
 from pipeline.merge import COMPETITION_SOURCE, fill_patients, merge_tables
 
 log = logging.getLogger(__name__)

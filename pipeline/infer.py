@@ -18,7 +18,6 @@ import pandas as pd
 from scipy.special import expit
 
 from pipeline.atomic import atomic_write_csv, atomic_write_text
-from pipeline.cli import UserError
 from pipeline.config import Config, config_hash, load_config, save_config
 from pipeline.data import (
     dataset_from_frame,
@@ -28,6 +27,7 @@ from pipeline.data import (
     train_transform,
 )
 from pipeline.ensemble import run_ensemble
+from pipeline.errors import UserError
 from pipeline.merge import load_test
 from pipeline.metrics import safe_auc
 from pipeline.model import MelanomaModel, load_model
@@ -56,7 +56,7 @@ def trained_config(cfg: Config) -> Config:
     if not path.is_file():
         raise UserError(f"experiment {cfg.experiment!r}: {path} not found; run `make train-all` first")
     trained = load_config(path)
-    trained.runs_dir = cfg.runs_dir
+    trained.runs_dir, trained.experiment = cfg.runs_dir, cfg.experiment
     return trained
 
 
@@ -196,9 +196,9 @@ def run_infer(cfg: Config) -> Path:
     """The `make infer` stage: numbered submissions, the OOF TTA table, then the ensemble."""
     trained = trained_config(cfg)
     models = load_fold_models(cfg, trained)
-    save_config(cfg, trained.run_dir, "infer.config.yaml")
     test = load_test(cfg.data)
     check_test_ids(cfg, test)
+    save_config(cfg, trained.run_dir, "infer.config.yaml")
     logits = predict_all(cfg, trained, models, test, "test tta")
     numbers = write_submissions(cfg, trained, models, test, logits)
     if cfg.infer.oof_tta:

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import UserError
 from pipeline.config import ColumnsConfig, DataConfig, ExternalConfig
+from pipeline.errors import UserError
 from pipeline.tables import (
     check_binary,
     check_files_exist,

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.merge import COMPETITION_SOURCE
 
 SITES = ["head/neck", "upper extremity", "lower extremity", "torso", "palms/soles", "oral/genital"]

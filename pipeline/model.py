@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from scipy.special import expit
 from torch import nn
 
-from pipeline.cli import UserError
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.diagnosis import CLASSES, MEL
+from pipeline.errors import UserError
 from pipeline.metadata import N_FEATURES
 from pipeline.metrics import safe_auc
 

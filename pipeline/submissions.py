@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.atomic import NO_ROOM, no_room_error, umask_mode
+from pipeline.atomic import NO_ROOM, create_temp, no_room_error
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +56,12 @@ def submission_numbers(folder: str | Path) -> list[int]:
 
 def _write_temp_csv(df: pd.DataFrame, folder: Path) -> Path:
     """The frame as a finished temporary CSV in `folder`; removed again if the write fails."""
-    fd, tmp = tempfile.mkstemp(prefix=".submission.", suffix=".tmp", dir=folder)
+    fd, tmp = create_temp(folder, ".submission.")
     try:
         with os.fdopen(fd, "w", newline="") as handle:
             df.to_csv(handle, index=False, lineterminator="\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, umask_mode())
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno in NO_ROOM:
@@ -132,9 +131,9 @@ def append_manifest(folder: str | Path, row: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MANIFEST_NAME
     with _locked(folder / f".{MANIFEST_NAME}.lock"):
+        if path.exists():
+            _cut_torn_tail(path)  # may leave an empty file: a torn header
         new = not path.exists() or path.stat().st_size == 0
-        if not new:
-            _cut_torn_tail(path)
         text = _csv_line(MANIFEST_COLUMNS, row)
         if new:
             text = ",".join(MANIFEST_COLUMNS) + "\n" + text
@@ -151,12 +150,16 @@ def _csv_line(columns: Sequence[str], row: dict) -> str:
 def _append_whole(path: Path, text: str) -> None:
     """Append `text` in one write; if it cannot be written whole, cut the file back to where it was."""
     data = text.encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, umask_mode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         start = os.fstat(fd).st_size
         try:
-            if os.write(fd, data) != len(data):  # cut short by a full disk or a size limit
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written = 0
+            while written < len(data):  # a short write is retried: the retry raises the real reason
+                n = os.write(fd, data[written:])
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += n
             os.fsync(fd)
         except OSError as err:
             os.ftruncate(fd, start)
@@ -190,14 +193,18 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     `n` is int, `fold` and `seed` nullable ints, `cv_auc` float; the rest are strings.
     """
     path = Path(folder) / MANIFEST_NAME
-    if not path.exists():
-        return pd.DataFrame({c: pd.Series(dtype="string") for c in MANIFEST_COLUMNS})
-    data = path.read_bytes()
+    data = path.read_bytes() if path.exists() else b""
     start = _torn_tail(data)
     if start is not None:
         line = data[:start].count(b"\n") + 1
         log.warning("%s: line %d is unfinished (an interrupted run); ignoring it", path, line)
         data = data[:start]
+    if not data:  # no file, or nothing whole in it yet
+        return pd.DataFrame({c: pd.Series(dtype="string") for c in MANIFEST_COLUMNS})
+    header = data.split(b"\n", 1)[0].decode(errors="replace")
+    if header != ",".join(MANIFEST_COLUMNS):
+        raise UserError(f"{path}: line 1 is {header[:120]!r}, not the manifest header "
+                        f"{','.join(MANIFEST_COLUMNS)!r}; move the file aside and rerun inference")
     df = pd.read_csv(io.BytesIO(data), dtype="string", keep_default_na=False, na_values=[""])
     for column in ("n", "fold", "seed"):
         df[column] = pd.to_numeric(df[column], errors="coerce").astype("Int64")

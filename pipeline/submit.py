@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.cli import UserError
 from pipeline.config import Config
+from pipeline.errors import UserError
 from pipeline.provenance import git_commit
 from pipeline.tables import some
 

@@ -29,8 +29,8 @@ from joblib import Parallel, delayed
 from sklearn.metrics import roc_auc_score
 
 from pipeline.atomic import atomic_path, atomic_write_csv
-from pipeline.cli import UserError
 from pipeline.config import SyntheticConfig
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,10 @@ def file_defect(path: str) -> str | None:
                 return "empty"
             f.seek(max(0, f.seek(0, 2) - 32))
             tail = f.read()
-    except OSError:
+    except FileNotFoundError:
         return "missing"
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
     if str(path).lower().endswith((".jpg", ".jpeg")):
         if head != b"\xff\xd8":
             return "not a JPEG"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -20,10 +21,10 @@ from pytorch_lightning.callbacks import (
     ModelCheckpoint,
 )
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from scipy.special import expit
 
-from pipeline.atomic import NO_ROOM, atomic_write_csv, atomic_write_text, no_room_error
-from pipeline.cli import UserError
+from pipeline.atomic import NO_ROOM, atomic_path, atomic_write_csv, atomic_write_text, no_room_error
 from pipeline.config import Config, changed_settings, load_config, save_config
 from pipeline.data import (
     FoldDataModule,
@@ -32,6 +33,7 @@ from pipeline.data import (
     make_loader,
     split_fold,
 )
+from pipeline.errors import UserError
 from pipeline.metrics import cv_summary
 from pipeline.model import MONITORS, MelanomaModel, load_model, read_checkpoint
 from pipeline.predict import predict_logits
@@ -77,6 +79,18 @@ def check_monitor(monitor: str) -> str:
     return monitor
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written under a temporary name in their own folder and renamed when whole:
+    a kill or a full disk mid-save never leaves a torn last.ckpt (Lightning's own save goes
+    through the system temp folder and is a plain copy when that is another device)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()  # serialised first (as Lightning does): a write error is an OSError
+        torch.save(checkpoint, buffer)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+
+
 def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
     t = cfg.train
     monitor = check_monitor(t.monitor)
@@ -102,6 +116,7 @@ def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) ->
         accelerator=t.accelerator, devices=t.devices,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         callbacks=extra, logger=[CSVLogger(out, name="csv"), TensorBoardLogger(out, name="tb")],
+        plugins=[AtomicCheckpointIO()],
         log_every_n_steps=t.log_every_n_steps, enable_model_summary=False, enable_progress_bar=t.progress_bar,
         **limits,
     )

@@ -17,7 +17,7 @@ from scipy.special import expit
 from scipy.stats import rankdata
 from torch import Tensor
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 

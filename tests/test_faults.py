@@ -55,6 +55,20 @@ def test_torn_manifest_line_is_named_ignored_and_repaired(tmp_path, caplog):
     assert path.read_text().count("\n") == 4
 
 
+def test_a_torn_header_or_an_empty_manifest_is_no_crash(tmp_path, caplog):
+    path = tmp_path / "manifest.csv"
+    path.write_text("")  # a first append that found no room
+    assert read_manifest(tmp_path).empty
+    path.write_text("n,file,exp")  # a header cut short
+    with caplog.at_level("WARNING"):
+        assert read_manifest(tmp_path).empty
+        append_manifest(tmp_path, ROW)
+    assert list(read_manifest(tmp_path)["n"]) == [1]
+    path.write_text("something else\n1,2\n")
+    with pytest.raises(UserError, match=r"manifest.csv: line 1 is 'something else', not the manifest header"):
+        read_manifest(tmp_path)
+
+
 def test_manifest_rows_whole_or_absent_when_the_disk_fills(tmp_path):
     append_manifest(tmp_path, ROW)
     size = (tmp_path / "manifest.csv").stat().st_size
@@ -249,8 +263,10 @@ def test_an_error_from_a_loader_worker_is_reported_by_its_own_message():
 
 
 def test_list_entry_override_is_applied_or_refused_clearly():
-    cfg = load_config(REPO / "configs/demo.yaml", ["data.external.0.images=/x"])
+    cfg = load_config(REPO / "configs/demo.yaml", ["data.external.0.images=/x",
+                                                   "ensemble.output=${infer.submissions_dir}/e.csv"])
     assert cfg.data.external[0].images == "/x"
+    assert cfg.ensemble.output == "submissions/demo/e.csv"
     with pytest.raises(ConfigError, match="'3' is not an index of a list of 1 entr"):
         load_config(REPO / "configs/demo.yaml", ["data.external.3.images=/x"])
 
@@ -264,6 +280,25 @@ def test_a_failed_start_does_not_block_the_corrected_run(tmp_path):
     good = load_config(None, overrides + ["train.epochs=1"])
     train_all(good, [0])
     assert load_config(good.run_dir / "config.yaml").model.backbone == "test_efficientnet"
+
+
+def test_resuming_with_a_checkpoint_interval_or_quiet_bars_is_no_other_training(tmp_path):
+    from pipeline.config import changed_settings
+    _, overrides = make_tiny_set(tmp_path)
+    before = load_config(None, overrides)
+    after = load_config(None, overrides + ["train.checkpoint_every_minutes=10",
+                                           "train.progress_bar=true", "train.log_every_n_steps=5"])
+    assert changed_settings(before, after) == []
+    assert changed_settings(before, load_config(None, overrides + ["train.epochs=9"]))
+
+
+def test_a_run_folder_copied_under_another_name_is_read_there(trained, tmp_path):
+    import shutil
+    root, overrides, cfg = trained
+    shutil.copytree(cfg.run_dir, tmp_path / "copy")
+    from pipeline.infer import trained_config
+    live = load_config(None, overrides + [f"runs_dir={tmp_path}", "experiment=copy"])
+    assert trained_config(live).run_dir == tmp_path / "copy"
 
 
 def test_progress_bars_obey_the_setting(tmp_path, capsys):
@@ -317,7 +352,7 @@ def test_a_killed_fold_resumes_and_ends_like_an_uninterrupted_one(tmp_path, extr
 
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
     script = KILL_FIT.format(repo=str(REPO), root=str(tmp_path), kill_at=kill_at, extra=extra)
-    killed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=300,
+    killed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=240,
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     folds, overrides = make_tiny_set(tmp_path)
@@ -354,7 +389,7 @@ def test_two_inferences_at_once_and_a_killed_one_lose_nothing(trained):
                                                                 overrides=overrides + views)],
                              cwd=root, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for run in runs:
-        assert run.wait(timeout=300) == 0, run.stderr.read()[-2000:]
+        assert run.wait(timeout=240) == 0, run.stderr.read()[-2000:]
     manifest = read_manifest(folder)
     new = manifest.iloc[before:]
     assert len(new) == 2 * 3 * 3  # two runs x 3 folds x 3 views, every row whole
@@ -366,7 +401,7 @@ def test_two_inferences_at_once_and_a_killed_one_lose_nothing(trained):
              "    return real(*a, **k)\ninfer.write_numbered = dying\n")
     killed = subprocess.run([sys.executable, "-c", infer.format(repo=str(REPO), patch=patch,
                                                                 overrides=overrides + views)],
-                            cwd=root, env=env, timeout=300, capture_output=True, text=True)
+                            cwd=root, env=env, timeout=240, capture_output=True, text=True)
     assert killed.returncode == -9
     assert len(read_manifest(folder)) == len(manifest) + 2
     assert not list(folder.glob(".submission.*"))
@@ -401,4 +436,9 @@ def test_a_full_disk_during_training_is_one_error_naming_the_fold(tmp_path):
         except UserError as err:
             print("ERROR", err)
         """, 2**40, tmp_path)
-    assert "runs/tiny/fold0: cannot write it (File too large); fold 0 resumes from its last whole checkpoint" in result.stdout, result.stderr[-2000:]
+    assert "runs/tiny/fold0" in result.stdout, result.stderr[-2000:]
+    assert "cannot write it (File too large)" in result.stdout
+    fold = tmp_path / "runs" / "tiny" / "fold0"
+    assert not list(fold.glob(".*.tmp"))  # no temporary checkpoint left behind
+    for ckpt in fold.glob("*.ckpt"):
+        torch.load(ckpt, weights_only=False)  # whatever is there is whole
