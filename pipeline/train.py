@@ -170,8 +170,6 @@ def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
                  sorted(scored), cfg.infer.checkpoint)
         return score_fold(cfg, fold, split_fold(folds, fold).valid)
     split = split_fold(folds, fold)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
     pl.seed_everything(cfg.train.seed + fold, workers=True, verbose=False)
     model = MelanomaModel.from_configs(cfg.model, cfg.train, fold)
     resume = out / "last.ckpt"
@@ -180,6 +178,9 @@ def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
         log.info("fold %d: resuming from %s", fold, resume)
     trainer = build_trainer(cfg, out, callbacks)
     data = FoldDataModule(cfg, split, seed=cfg.train.seed + fold)
+    # the configs are written once training really starts: a failed start leaves nothing behind
+    save_config(cfg, cfg.run_dir)
+    save_config(cfg, out)
     try:
         trainer.fit(model, data, ckpt_path=resume if resume.is_file() else None)
     except OSError as err:
@@ -257,7 +258,6 @@ def train_all(cfg: Config, folds_to_train: Sequence[int] | None = None) -> dict:
     if unknown:
         raise UserError(f"fold(s) {unknown} not in {cfg.folds.output} (folds: {all_folds})")
     check_same_training(cfg)
-    save_config(cfg, cfg.run_dir)
     for fold in chosen:
         train_fold(cfg, fold, folds)
     done = [f for f in all_folds if (fold_dir(cfg, f) / "oof.csv").is_file()]

@@ -276,7 +276,10 @@ def test_a_failed_start_does_not_block_the_corrected_run(tmp_path):
     bad = load_config(None, overrides + ["model.backbone=no_such_net", "train.epochs=1"])
     with pytest.raises(UserError, match="no_such_net"):
         train_all(bad, [0])
-    assert (bad.run_dir / "config.yaml").is_file()
+    assert not (bad.run_dir / "config.yaml").exists()  # nothing was trained: nothing written
+    (bad.run_dir / "config.yaml").parent.mkdir(parents=True)
+    from pipeline.config import save_config
+    save_config(bad, bad.run_dir)  # a config left by an older version with nothing trained
     good = load_config(None, overrides + ["train.epochs=1"])
     train_all(good, [0])
     assert load_config(good.run_dir / "config.yaml").model.backbone == "test_efficientnet"
@@ -299,6 +302,42 @@ def test_a_run_folder_copied_under_another_name_is_read_there(trained, tmp_path)
     from pipeline.infer import trained_config
     live = load_config(None, overrides + [f"runs_dir={tmp_path}", "experiment=copy"])
     assert trained_config(live).run_dir == tmp_path / "copy"
+
+
+def test_a_full_disk_in_the_ensemble_keeps_the_old_one(trained):
+    root, overrides, cfg = trained
+    ensemble = Path(cfg.ensemble.output)
+    before = ensemble.read_bytes()
+    result = run_limited(f"""
+        from pipeline.config import load_config
+        from pipeline.ensemble import run_ensemble
+        from pipeline.cli import UserError
+        try:
+            run_ensemble(load_config(None, {overrides!r}))
+        except UserError as err:
+            print("ERROR", err)
+        """, 64, root)
+    assert f"ERROR {ensemble}: cannot write it (File too large); nothing was replaced" in result.stdout, result.stderr[-2000:]
+    assert ensemble.read_bytes() == before and not list(ensemble.parent.glob(".ensemble.csv.*"))
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_reported_by_its_path(tmp_path):
+    from pipeline.data import BadImageError, ImageDataset, make_loader
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(b"\xff\xd8 a JPEG cut short")
+    loader = make_loader(ImageDataset([str(bad)] * 2), 2, 1, train=False)
+    with pytest.raises(BadImageError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith("Caught BadImageError")  # what torch re-raises
+    assert user_message(err.value) == f"{bad}: truncated JPEG (no end-of-image marker): a partial copy?"
+
+
+def test_inference_bars_follow_train_progress_bar(trained, capsys):
+    root, overrides, cfg = trained
+    run_infer(load_config(None, overrides + ["train.progress_bar=false"]))
+    assert "test tta" not in capsys.readouterr().err
+    run_infer(load_config(None, overrides + ["train.progress_bar=true"]))
+    assert "test tta" in capsys.readouterr().err
 
 
 def test_progress_bars_obey_the_setting(tmp_path, capsys):
