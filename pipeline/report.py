@@ -101,6 +101,13 @@ def summary_lines(cfg: Config) -> list[str]:
 
 
 def report(cfg: Config) -> str:
-    text = "\n".join(summary_lines(cfg))
+    """Log the summary and write runs/<experiment>/report.html beside it."""
+    lines = summary_lines(cfg)
+    text = "\n".join(lines)
     log.info("summary\n%s", text)
+    from pipeline.report_html import write_html_report  # matplotlib only when a report is made
+
+    path = write_html_report(cfg, lines)
+    if path is not None:
+        log.info("report: %s", path.resolve())
     return text
