@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo data-demo folds train train-all infer ensemble check-submission \
-        submit report download bench compare test test-slow lint clean-demo
+        submit report download bench compare experiments scores test test-slow lint clean-demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -74,6 +74,9 @@ report: $(STAMP) ## CV AUC, TTA gain on OOF, final CSV (and hidden test AUC on g
 
 submit: $(STAMP) ## check, then kaggle competitions submit: make submit MSG="..."
 	$(call RUN,submit) --message "$(MSG)"
+
+experiments: $(STAMP) ## every experiment under runs_dir in one table: CV, TTA gain, settings, commit, Kaggle scores (runs/experiments.{csv,html})
+	$(call RUN,experiments)
 
 download: $(STAMP) ## kaggle CLI: competition CSVs + 512-px 2020 and ISIC 2019 JPEGs into data/
 	$(call RUN,download)
