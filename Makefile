@@ -75,6 +75,9 @@ report: $(STAMP) ## CV AUC, TTA gain on OOF, final CSV (and hidden test AUC on g
 submit: $(STAMP) ## check, then kaggle competitions submit: make submit MSG="..."
 	$(call RUN,submit) --message "$(MSG)"
 
+scores: $(STAMP) ## read Kaggle's scores into pending rows of submissions/scores.csv and print the table
+	$(call RUN,scores)
+
 experiments: $(STAMP) ## every experiment under runs_dir in one table: CV, TTA gain, settings, commit, Kaggle scores (runs/experiments.{csv,html})
 	$(call RUN,experiments)
 

@@ -109,7 +109,7 @@ def write_numbered(df: pd.DataFrame, folder: str | Path) -> tuple[int, Path]:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
     with open(lock_path, "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
@@ -130,24 +130,24 @@ def append_manifest(folder: str | Path, row: dict) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MANIFEST_NAME
-    with _locked(folder / f".{MANIFEST_NAME}.lock"):
+    with locked(folder / f".{MANIFEST_NAME}.lock"):
         if path.exists():
-            _cut_torn_tail(path)  # may leave an empty file: a torn header
+            cut_torn_tail(path)  # may leave an empty file: a torn header
         new = not path.exists() or path.stat().st_size == 0
-        text = _csv_line(MANIFEST_COLUMNS, row)
+        text = csv_line(MANIFEST_COLUMNS, row)
         if new:
             text = ",".join(MANIFEST_COLUMNS) + "\n" + text
-        _append_whole(path, text)
+        append_whole(path, text)
     return path
 
 
-def _csv_line(columns: Sequence[str], row: dict) -> str:
+def csv_line(columns: Sequence[str], row: dict) -> str:
     buffer = io.StringIO()
     csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n").writerow(row)
     return buffer.getvalue()
 
 
-def _append_whole(path: Path, text: str) -> None:
+def append_whole(path: Path, text: str) -> None:
     """Append `text` in one write; if it cannot be written whole, cut the file back to where it was."""
     data = text.encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
@@ -170,17 +170,17 @@ def _append_whole(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def _torn_tail(data: bytes) -> int | None:
+def torn_tail(data: bytes) -> int | None:
     """Where an unfinished last line starts (a write cut short), or None if the file ends whole."""
     if not data or data.endswith(b"\n"):
         return None
     return data.rfind(b"\n") + 1
 
 
-def _cut_torn_tail(path: Path) -> None:
+def cut_torn_tail(path: Path) -> None:
     """Remove an unfinished last line left by an interrupted writer, saying so."""
     data = path.read_bytes()
-    start = _torn_tail(data)
+    start = torn_tail(data)
     if start is not None:
         log.warning("%s: removed an unfinished last line (%r) left by an interrupted run", path,
                     data[start:start + 80].decode(errors="replace"))
@@ -194,7 +194,7 @@ def read_manifest(folder: str | Path) -> pd.DataFrame:
     """
     path = Path(folder) / MANIFEST_NAME
     data = path.read_bytes() if path.exists() else b""
-    start = _torn_tail(data)
+    start = torn_tail(data)
     if start is not None:
         line = data[:start].count(b"\n") + 1
         log.warning("%s: line %d is unfinished (an interrupted run); ignoring it", path, line)

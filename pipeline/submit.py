@@ -1,5 +1,8 @@
 """Check a submission against sample_submission.csv, then send it with the real `kaggle` CLI.
 
+After sending, `submit` waits (bounded) for Kaggle's score and records it in scores.csv
+(pipeline.scores).
+
 The CLI runs as a subprocess with the user's own credentials. Those are looked up first, the way
 kaggle 2.x looks them up, so a missing key is one clear error rather than the CLI's help page, and
 every secret found is redacted from whatever the CLI prints before we log or raise it.
@@ -20,6 +23,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -220,9 +224,12 @@ def cv_score(cfg: Config) -> float | None:
 
 def submission_message(cfg: Config, message: str) -> str:
     """`<message> | cv=<AUC to 4 decimals or n/a> | <git short commit>`."""
+    return _message_with_cv(message, cv_score(cfg))
+
+
+def _message_with_cv(message: str, cv: float | None) -> str:
     if not message or not message.strip():
         raise UserError("the submission message is empty: pass submit.message='...' (make submit MSG='...')")
-    cv = cv_score(cfg)
     cv_text = f"{cv:.4f}" if cv is not None else "n/a"
     return f"{message.strip()} | cv={cv_text} | {git_commit()}"
 
@@ -409,21 +416,35 @@ def _emit(text: str, echo: bool) -> str:
 # ---- submit ----------------------------------------------------------------------------------
 
 
-def submit(cfg: Config, message: str) -> str:
-    """Check `cfg.ensemble.output`, then `kaggle competitions submit` it; return the message sent.
+def submit(cfg: Config, message: str, wait_s: float | None = None,
+           poll_s: float | None = None) -> str:
+    """Check `cfg.ensemble.output`, `kaggle competitions submit` it, then wait for its score;
+    return the message sent.
 
-    The message is `<message> | cv=<CV AUC> | <git commit>` (see `submission_message`).
+    The message is `<message> | cv=<CV AUC> | <git commit>` (see `submission_message`). Kaggle's
+    listing is read every `poll_s` seconds for at most `wait_s` (pipeline.scores' POLL_S and
+    WAIT_S by default); the outcome, scored, errored or still pending, becomes a row of
+    scores.csv.
     """
+    # imported here, not on top: pipeline.scores imports this module (its CLI wrapper)
+    from pipeline.scores import Sent, scores_path, submission_ref, track_submission
+
     path = cfg.ensemble.output
     frame = check_submission(path, cfg.data.sample_submission)
-    full_message = submission_message(cfg, message)
+    cv = cv_score(cfg)
+    full_message = _message_with_cv(message, cv)
     credentials = find_kaggle_credentials()
     log.info("submitting %s (%d rows) to %s with credentials from %s: %r", path, len(frame),
              cfg.submit.competition, credentials.source, full_message)
+    sent_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     output = run_kaggle(
         ["competitions", "submit", cfg.submit.competition, "-f", str(path), "-m", full_message],
         credentials.secrets, timeout=SUBMIT_TIMEOUT_S,
     )
     for line in output_lines(output):
         log.info("kaggle: %s", line)
+    sent = Sent(time=sent_at, competition=cfg.submit.competition, file=str(path),
+                message=full_message, experiment=cfg.experiment, cv_auc=cv,
+                ref=submission_ref(output))
+    track_submission(sent, credentials.secrets, scores_path(cfg), wait_s=wait_s, poll_s=poll_s)
     return full_message

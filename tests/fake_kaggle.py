@@ -8,7 +8,14 @@ What the CLI (kaggle 2.x, kagglesdk) does, and what this server answers:
 - JSON `POST .../competitions.CompetitionApiService/StartSubmissionUpload` -> {"token", "createUrl"};
 - `PUT <createUrl>` with the file's bytes (a plain requests session: no Kaggle auth) -> 200;
 - JSON `POST .../CreateSubmission` {"competitionName", "blobFileTokens", "submissionDescription"}
-  -> {"message", "ref"};
+  -> {"message", "ref"}; the new submission joins the listing, scored as `score_next` says;
+- `POST .../ListSubmissions` {"competitionName", "page", "pageToken"} (sortBy, group, pageSize
+  only where not the defaults; `kaggle competitions submissions`) -> {"submissions": [ApiSubmission, newest first],
+  "nextPageToken": ""}; an ApiSubmission is {"ref", "date", "description", "fileName", "status"
+  (PENDING | COMPLETE | ERROR), "publicScore", "privateScore", "errorDescription", ...}, the
+  optional ones left out while unset; each listing counts down a pending submission's
+  `pending_polls`;
+- `POST .../GetSubmission` {"ref"} (`kaggle competitions submission <ref>`) -> one ApiSubmission;
 - `POST .../DownloadDataFiles` and `.../datasets.DatasetApiService/DownloadDataset` -> a 302 to
   `/files/<slug>.zip`, then `GET` of that file (a dataset download first asks GetDatasetMetadata
   for its licences).
@@ -22,7 +29,8 @@ import json
 import os
 import secrets
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -57,12 +65,45 @@ class Failure:
 
 
 @dataclass
+class FakeSubmission:
+    """One submission as Kaggle lists it. It shows PENDING, without scores, for its first
+    `pending_polls` listings, then `status` (COMPLETE or ERROR) with its scores or error."""
+
+    ref: int
+    description: str = ""
+    file_name: str = "submission.csv"
+    status: str = "COMPLETE"
+    public_score: str | None = "0.9100"
+    private_score: str | None = "0.9050"
+    error: str | None = None
+    pending_polls: int = 0
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z")
+
+    def wire(self) -> dict:
+        """The ApiSubmission JSON: optional fields that are unset are left out, as Kaggle does."""
+        pending = self.pending_polls > 0
+        fields = {
+            "ref": self.ref, "date": self.date, "description": self.description,
+            "fileName": self.file_name, "status": "PENDING" if pending else self.status,
+            "publicScore": None if pending else self.public_score,
+            "privateScore": None if pending else self.private_score,
+            "errorDescription": None if pending else self.error,
+            "submittedBy": "testuser", "teamName": "testuser",
+        }
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+@dataclass
 class FakeKaggle:
-    """Records every request; answers the submit and download calls; can fail any endpoint on demand."""
+    """Records every request; answers the submit, submissions-listing and download calls; can fail
+    any endpoint on demand."""
 
     requests: list[Recorded] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
+    submissions: list[FakeSubmission] = field(default_factory=list)  # newest first
+    next_submission: FakeSubmission = field(default_factory=lambda: FakeSubmission(ref=4242))
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -111,6 +152,34 @@ class FakeKaggle:
 
     def calls(self, suffix: str) -> list[Recorded]:
         return [r for r in self.requests if r.path.endswith(suffix)]
+
+    def score_next(self, **outcome) -> None:
+        """How the next CreateSubmission turns out: FakeSubmission fields such as status="ERROR",
+        error="...", public_score=..., pending_polls=N (listings it stays PENDING for)."""
+        self.next_submission = replace(self.next_submission, **outcome)
+
+    def add_submission(self, **fields) -> FakeSubmission:
+        """List a submission made earlier (newest first, so it goes after those listed already)."""
+        fields.setdefault("ref", max((s.ref for s in self.submissions), default=1000) + 1)
+        submission = FakeSubmission(**fields)
+        self.submissions.append(submission)
+        return submission
+
+    def submission(self, ref: int) -> FakeSubmission:
+        return next(s for s in self.submissions if s.ref == ref)
+
+    def _create(self, description: str, file_name: str) -> FakeSubmission:
+        created = replace(self.next_submission, description=description, file_name=file_name)
+        self.submissions.insert(0, created)
+        self.next_submission = replace(self.next_submission, ref=created.ref + 1)
+        return created
+
+    def _list(self, page_size: int | None) -> list[dict]:
+        shown = self.submissions[:page_size or 20]
+        answer = [s.wire() for s in shown]
+        for submission in shown:
+            submission.pending_polls = max(submission.pending_polls - 1, 0)
+        return answer
 
 
 def _decoded_auth(header: str) -> str:
@@ -171,8 +240,19 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
             if request.method == "PUT" and path.startswith("/upload/"):
                 return self._json(200, {})
             if request.method == "POST" and path == COMPETITIONS + "CreateSubmission":
-                competition = request.json().get("competitionName", "")
-                return self._json(200, {"message": f"Successfully submitted to {competition}", "ref": 4242})
+                body = request.json()
+                created = fake._create(body.get("submissionDescription", ""), self._upload_name())
+                return self._json(200, {"message": f"Successfully submitted to {body.get('competitionName', '')}",
+                                        "ref": created.ref})
+            if request.method == "POST" and path == COMPETITIONS + "ListSubmissions":
+                page = fake._list(request.json().get("pageSize"))
+                return self._json(200, {"submissions": page, "nextPageToken": ""})
+            if request.method == "POST" and path == COMPETITIONS + "GetSubmission":
+                ref = request.json().get("ref")
+                found = [s.wire() for s in fake.submissions if s.ref == ref]
+                if found:
+                    return self._json(200, found[0])
+                return self._json(404, {"code": 404, "message": f"no submission {ref}"})
             if request.method == "POST" and path == COMPETITIONS + "GetSubmissionLimits":
                 return self._json(200, {"numToday": 1, "numAllowedNow": 4})
             if request.method == "POST" and path == COMPETITIONS + "DownloadDataFiles":
@@ -186,6 +266,10 @@ def _handler_for(fake: FakeKaggle) -> type[BaseHTTPRequestHandler]:
                 if data is not None:
                     return self._send(200, data, {"Content-Type": "application/zip"})
             return self._json(404, {"code": 404, "message": f"fake Kaggle has no {request.method} {path}"})
+
+        def _upload_name(self) -> str:
+            starts = fake.calls("/StartSubmissionUpload")
+            return starts[-1].json().get("fileName", "") if starts else ""
 
         def _redirect(self, slug: str) -> None:
             self._send(302, b"", {"Location": f"http://localhost/files/{slug}.zip"})

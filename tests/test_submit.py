@@ -164,6 +164,7 @@ def test_real_sample_submission(tmp_path, real_sample):
 def cfg(tmp_path, sample) -> Config:
     cfg = Config(experiment="exp1", runs_dir=str(tmp_path / "runs"))
     cfg.ensemble.output = str(tmp_path / "submissions" / "ensemble.csv")
+    cfg.infer.submissions_dir = str(tmp_path / "submissions")  # scores.csv goes there
     cfg.data.sample_submission = str(sample)
     return cfg
 
