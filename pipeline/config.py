@@ -62,6 +62,20 @@ class ExternalConfig:
 
 
 @dataclass
+class MergedConfig:
+    """One CSV holding the 2020 training images and external ones, told apart by a source column:
+    the Kaggle data set shonenkov/melanoma-merged-external-data-512x512-jpeg (`marking.csv`)."""
+
+    csv: str = "data/merged/marking.csv"
+    images: str = "data/merged/512x512-dataset-melanoma/512x512-dataset-melanoma"
+    dataset: str = "shonenkov/melanoma-merged-external-data-512x512-jpeg"  # for `make download`
+    image: str = "image_id"
+    patient: str = "patient_id"  # 2020: the patient; ISIC 2019: the lesion id; others: empty
+    source: str = "source"
+    competition_source: str = "ISIC20"  # the source value of the 2020 training images
+
+
+@dataclass
 class DataConfig:
     train_csv: str = "data/train.csv"
     test_csv: str = "data/test.csv"
@@ -70,6 +84,7 @@ class DataConfig:
     test_images: str = "data/jpeg512/test"
     image_ext: str = ".jpg"
     external: list[ExternalConfig] = field(default_factory=list)
+    merged: MergedConfig | None = None  # set: read the training images from one merged CSV instead
     duplicates_csv: str | None = None
     check_images: bool = True
     skip_bad_images: bool = False
@@ -142,6 +157,8 @@ class TrainConfig:
     pct_start: float = 0.1
     div_factor: float = 10.0
     final_div_factor: float = 100.0
+    base_momentum: float = 0.85  # OneCycle's momentum (AdamW's beta1) cycle, torch's defaults
+    max_momentum: float = 0.95
     pos_weight: float = 3.0
     label_smoothing: float = 0.05
     precision: str = "auto"  # auto | 32 | 16-mixed | bf16-mixed

@@ -8,6 +8,8 @@ Everything lands in the folder of `data.train_csv` (`data/` in the real configs)
 - JPEG_DATASET into `jpeg512/` (`train/`, `test/`, and its own `train.csv` whose tfrecord == -1 marks
   duplicates: `data.duplicates_csv` is written from it when absent, see `write_duplicates`);
 - EXTERNAL_DATASET into `external/` (`train.csv`, `train/`);
+- with `data.merged` set instead of the two JPEG sets: that merged data set (marking.csv, the
+  train and test JPEGs) into the folder of `data.merged.csv`;
 - ISIC's `ISIC_2019_Training_Metadata.csv` (LESIONS_URL, the challenge's own file) to where a
   `data.external[].lesions_csv` names it, when absent: its lesion ids group the external images.
 
@@ -226,6 +228,11 @@ def download(cfg: Config, force: bool = False) -> Path:
     data_dir = Path(cfg.data.train_csv).parent
     for name in COMPETITION_FILES:
         fetch_competition_file(cfg.submit.competition, name, data_dir / name, credentials, force)
+    if cfg.data.merged is not None:  # the blog's merged 512-px set: one CSV, train and test JPEGs
+        fetch_dataset(cfg.data.merged.dataset, Path(cfg.data.merged.csv).parent, credentials, force)
+        with suppress(OSError):
+            (data_dir / STAGING_DIR).rmdir()
+        return data_dir
     fetch_dataset(JPEG_DATASET, data_dir / JPEG_DIR, credentials, force)
     fetch_dataset(EXTERNAL_DATASET, data_dir / EXTERNAL_DIR, credentials, force)
     fetch_lesion_tables(cfg, force)

@@ -168,10 +168,49 @@ def drop_duplicates(df: pd.DataFrame, path: str, c: ColumnsConfig) -> pd.DataFra
     return df[keep].reset_index(drop=True)
 
 
+def load_merged(data: DataConfig) -> pd.DataFrame:
+    """A merged CSV (`data.merged`), split by its source column: the 2020 rows keep their patients;
+    the other rows are grouped by their patient column where it holds an id (the merged set puts
+    ISIC 2019's lesion id there), else each image alone, with its grouping unknown."""
+    m, c = data.merged, data.columns
+    path = m.csv
+    df = read_csv(path, [m.image, m.source, c.target])
+    check_unique(df, m.image, path)
+    is_2020 = (df[m.source] == m.competition_source).to_numpy()
+    if not is_2020.any():
+        raise UserError(f"{path}: no row has {m.source}={m.competition_source!r} (the 2020 images); "
+                        f"values found: {some(sorted(df[m.source].dropna().unique()))}")
+    patient = optional_column(df, m.patient, path).astype("string").str.strip()
+    patient = patient.where(patient.notna() & (patient != ""), pd.NA)
+    groups = patient.where(is_2020, "lesion:" + patient)  # external rows: lesion ids, not patients
+    out = pd.DataFrame({
+        "image_name": df[m.image],
+        "patient_id": fill_patients(groups, df[m.image], path),
+        "target": check_binary(df, c.target, path),
+        "source": np.where(is_2020, COMPETITION_SOURCE, df[m.source].astype(str)),
+        "sex": optional_column(df, c.sex, path),
+        "age_approx": pd.to_numeric(optional_column(df, c.age, path), errors="coerce"),
+        "anatom_site": optional_column(df, c.site, path),
+        "diagnosis": optional_column(df, c.diagnosis, path),
+        "image_path": image_paths(df[m.image], m.images, data.image_ext),
+        "group_known": patient.notna().to_numpy(),
+    })
+    for source, part in out.groupby("source", sort=False):
+        log.info("%s: %s: %d image(s), %d positive, %d with a patient or lesion id", path, source,
+                 len(part), int(part["target"].sum()), int(part["group_known"].sum()))
+    return out
+
+
 def merge_tables(data: DataConfig) -> pd.DataFrame:
-    """One table of every training image: 2020 first, then each external set, duplicates removed."""
-    parts = [load_competition(data)]
-    parts += [load_external(ext, data.columns, data.image_ext) for ext in data.external]
+    """One table of every training image: 2020 first, then each external set, duplicates removed.
+    With `data.merged` set, its one CSV replaces the 2020 CSV and the external sets."""
+    if data.merged is not None:
+        log.info("reading the training images from %s (data.merged); data.train_csv and "
+                 "data.external are not read", data.merged.csv)
+        parts = [load_merged(data)]
+    else:
+        parts = [load_competition(data)]
+        parts += [load_external(ext, data.columns, data.image_ext) for ext in data.external]
     df = pd.concat(parts, ignore_index=True)
     clash = df["image_name"].duplicated(keep=False)
     if clash.any():

@@ -252,6 +252,7 @@ class MelanomaModel(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=t.lr, total_steps=total, pct_start=warmup_fraction(t.pct_start, total),
             div_factor=t.div_factor, final_div_factor=t.final_div_factor,
+            base_momentum=t.base_momentum, max_momentum=t.max_momentum,
         )
         # stepped per optimizer step: the blog's per-epoch stepping keeps the LR near its start
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -127,6 +127,18 @@ def test_download_runs_these_commands_and_skips_what_is_done(cli, tmp_path):
     assert (data / "dups.csv").read_text() == "image_name_1,image_name_2\nISIC_1,ISIC_3\n"
 
 
+def test_the_merged_set_is_downloaded_instead_of_the_two_jpeg_sets(cli, tmp_path):
+    cfg = load_config(REPO / "configs" / "merged512_b5.yaml", [
+        f"data.train_csv={tmp_path}/data/train.csv",
+        f"data.merged.csv={tmp_path}/data/merged/marking.csv"])
+    download(cfg)
+    staging = str(tmp_path / "data" / ".download")
+    assert cli.commands[-1] == ["datasets", "download", "-d",
+                                "shonenkov/melanoma-merged-external-data-512x512-jpeg", "-p", staging]
+    assert len(cli.commands) == 4  # the three competition CSVs, then the merged set
+    assert (tmp_path / "data" / "merged" / ".melanoma-merged-external-data-512x512-jpeg.zip.complete").is_file()
+
+
 def test_a_failed_csv_download_leaves_no_final_file(cli, tmp_path, monkeypatch):
     def killed(args, secrets, echo=False, timeout=None):
         folder = Path(args[args.index("-p") + 1])
