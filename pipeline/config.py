@@ -357,6 +357,21 @@ def training_settings(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in NOT_TRAINING}
 
 
+# what decides the folds file: its inputs and the split
+FOLDS_SETTINGS = ("data.train_csv", "data.train_images", "data.image_ext", "data.external",
+                  "data.merged", "data.duplicates_csv", "data.columns", "folds.n_folds", "folds.seed",
+                  "folds.external")
+
+
+def changed_folds_settings(old: Config, new: Config) -> list[str]:
+    """`key: old -> new` for each setting that shapes the folds file and differs."""
+    def flat(cfg: Config) -> dict[str, Any]:
+        tree = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+        return {k: v for k, v in tree.items() if k.startswith(FOLDS_SETTINGS)}
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def changed_settings(old: Config, new: Config) -> list[str]:
     """`key: old -> new` for each training setting that differs."""
     a, b = training_settings(old), training_settings(new)

@@ -229,9 +229,10 @@ def download(cfg: Config, force: bool = False) -> Path:
     for name in COMPETITION_FILES:
         fetch_competition_file(cfg.submit.competition, name, data_dir / name, credentials, force)
     if cfg.data.merged is not None:  # the blog's merged 512-px set: one CSV, train and test JPEGs
-        fetch_dataset(cfg.data.merged.dataset, Path(cfg.data.merged.csv).parent, credentials, force)
-        with suppress(OSError):
-            (data_dir / STAGING_DIR).rmdir()
+        dest = Path(cfg.data.merged.csv).parent
+        fetch_dataset(cfg.data.merged.dataset, dest, credentials, force)
+        with suppress(OSError):  # the CLI's staging folder, beside the data set
+            (dest.parent / STAGING_DIR).rmdir()
         return data_dir
     fetch_dataset(JPEG_DATASET, data_dir / JPEG_DIR, credentials, force)
     fetch_dataset(EXTERNAL_DATASET, data_dir / EXTERNAL_DIR, credentials, force)

@@ -52,9 +52,9 @@ def roc_figure(oof: pd.DataFrame, ci: dict[str, list[float]]) -> Figure:
     return fig
 
 
-def training_figure(metrics: pd.DataFrame, monitor: str, fold: int) -> Figure:
+def training_figure(metrics: pd.DataFrame, monitor: str, fold: int, last: bool = False) -> Figure:
     """One fold's curves from Lightning's CSV log: losses and AUCs per epoch, the learning rate
-    per step, and the epoch that chose best.ckpt."""
+    per step, and the epoch whose checkpoint inference uses (best by `monitor`, or the last)."""
     fig, (loss_ax, auc_ax, lr_ax) = plt.subplots(1, 3, figsize=(14, 3.6))
     per_epoch = metrics.groupby("epoch").last()
     for column, ax in (("train_loss", loss_ax), ("val_loss", loss_ax), ("val_auc", auc_ax),
@@ -62,10 +62,15 @@ def training_figure(metrics: pd.DataFrame, monitor: str, fold: int) -> Figure:
         if column in per_epoch and per_epoch[column].notna().any():
             series = per_epoch[column].dropna()
             ax.plot(series.index, series.to_numpy(), marker="o", ms=3, label=column)
-    if monitor in per_epoch and per_epoch[monitor].notna().any():
-        best = int(per_epoch[monitor].idxmax())  # the first maximum, as ModelCheckpoint keeps it
+    if last:
+        chosen, name = int(per_epoch.index.max()), "last.ckpt"
+    elif monitor in per_epoch and per_epoch[monitor].notna().any():
+        chosen, name = int(per_epoch[monitor].idxmax()), "best.ckpt"  # the first maximum, as kept
+    else:
+        chosen = None
+    if chosen is not None:
         for ax in (loss_ax, auc_ax):
-            ax.axvline(best, color="red", ls="--", lw=1, label=f"best.ckpt (epoch {best})")
+            ax.axvline(chosen, color="red", ls="--", lw=1, label=f"{name} (epoch {chosen})")
     lr = [c for c in metrics if c.startswith("lr-")]
     if lr:
         steps = metrics.dropna(subset=[lr[0]])

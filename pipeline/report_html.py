@@ -11,6 +11,7 @@ import base64
 import html
 import json
 import logging
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from string import Template
@@ -23,6 +24,7 @@ from pipeline.config import Config, load_config, to_yaml
 from pipeline.ensemble import read_members
 from pipeline.folds import audit, balance
 from pipeline.merge import COMPETITION_SOURCE
+from pipeline.report import ENSEMBLE_LABELS
 from pipeline.submissions import read_manifest
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,8 @@ def roc_section(cfg: Config, cv: dict | None) -> str:
     if not path.is_file() or cv is None:
         return "<h2>ROC curves</h2>" + missing("out-of-fold predictions", path)
     oof = pd.read_csv(path).dropna(subset=["pred"])
-    ci = {"all rows": cv["oof_auc_ci95"], "2020 images alone": cv.get("oof_auc_2020_ci95", [None] * 2)}
+    ci = {"all rows": cv["oof_auc_ci95"],  # files from before the 2020 interval lack it
+          "2020 images alone": cv.get("oof_auc_2020_ci95", [float("nan")] * 2)}
     return "<h2>ROC curves</h2>" + figure(plots.png(plots.roc_figure(oof, ci)), "ROC curves")
 
 
@@ -103,16 +106,24 @@ def fold_metrics(fold_dir: Path) -> pd.DataFrame | None:
     return pd.concat([pd.read_csv(f) for f in files], ignore_index=True) if files else None
 
 
+def fold_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(fold, folder) of every `fold<k>` folder of a run, in fold order."""
+    found = [(int(m.group(1)), p) for p in run_dir.glob("fold*") if (m := re.fullmatch(r"fold(\d+)", p.name))]
+    return sorted(found)
+
+
 def training_section(cfg: Config, cv: dict | None) -> str:
     monitor = (cv or {}).get("monitor", "val_auc_2020")
-    out = [f"<h2>Training curves</h2><p>best.ckpt chosen by {html.escape(monitor)}</p>"]
-    folds = sorted(cfg.run_dir.glob("fold*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
-    for fold_dir in folds:
+    checkpoint = (cv or {}).get("checkpoint", "best")
+    out = [f"<h2>Training curves</h2><p>best.ckpt chosen by {html.escape(monitor)}; inference and the "
+           f"CV use {html.escape(checkpoint)}.ckpt</p>"]
+    folds = fold_dirs(cfg.run_dir)
+    for fold, fold_dir in folds:
         metrics = fold_metrics(fold_dir)
         if metrics is None:
             out.append(missing(f"{fold_dir.name} training log", fold_dir / "csv"))
             continue
-        fig = plots.training_figure(metrics, monitor, int(fold_dir.name[4:]))
+        fig = plots.training_figure(metrics, monitor, fold, last=checkpoint == "last")
         out.append(figure(plots.png(fig), f"training curves {fold_dir.name}"))
     if not folds:
         out.append(missing("fold folders", cfg.run_dir))
@@ -134,8 +145,7 @@ def ensemble_section(cfg: Config) -> tuple[str, pd.Series | None]:
     info = _json(output.with_suffix(".json"))
     if info is None:
         return "<h2>Ensemble</h2>" + missing("ensemble summary", output.with_suffix(".json")), None
-    label = {"oof_in_sample": "OOF AUC, in-sample (weights fitted on these rows)",
-             "oof": "OOF AUC", "manifest_mean": "members' mean CV AUC"}.get(info.get("cv_auc_source"), "CV AUC")
+    label = ENSEMBLE_LABELS.get(info.get("cv_auc_source"), "ensemble CV AUC")
     members = pd.DataFrame({"file": [Path(f).name for f in info["files"]], "weight": info["weights"]})
     auc = "n/a" if info.get("cv_auc") is None else f"{info['cv_auc']:.4f}"
     text = (f"<h2>Ensemble</h2><p>{html.escape(str(output))}: {info['method']} of {len(members)} files; "
@@ -167,13 +177,10 @@ def _mtime(path: Path) -> datetime | None:
 def stage_times(cfg: Config, trained: Config) -> pd.DataFrame:
     """When each stage ended and how long it took, from its files' modification times."""
     rows = [("folds", None, _mtime(Path(trained.folds.output)))]
-    for fold_dir in sorted(cfg.run_dir.glob("fold*")):
+    for _, fold_dir in fold_dirs(cfg.run_dir):
         rows.append((f"train {fold_dir.name}", _mtime(fold_dir / "config.yaml"), _mtime(fold_dir / "oof.csv")))
-    manifest = read_manifest(cfg.infer.submissions_dir)
-    ours = manifest[manifest["experiment"] == cfg.experiment]
-    start = pd.to_datetime(ours["time"]).min() if len(ours) else None
-    rows.append(("infer + ensemble", None if start is None or pd.isna(start) else start.to_pydatetime(),
-                 _mtime(Path(cfg.ensemble.output))))
+    # infer.config.yaml is written once the test ids pass, before any prediction
+    rows.append(("infer + ensemble", _mtime(cfg.run_dir / "infer.config.yaml"), _mtime(Path(cfg.ensemble.output))))
     df = pd.DataFrame(rows, columns=["stage", "started", "ended"])
     seconds = [(e - s).total_seconds() if s is not None and e is not None else None
                for s, e in zip(df["started"], df["ended"], strict=True)]

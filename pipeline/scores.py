@@ -189,15 +189,16 @@ def track_submission(sent: Sent, secrets: Sequence[str], table: str | Path,
     """Wait (bounded) for Kaggle to score `sent`, append its row to `table`, log the outcome."""
     wait_s = WAIT_S if wait_s is None else wait_s
     poll_s = POLL_S if poll_s is None else poll_s
-    found = await_score(sent.competition, secrets, sent.ref, sent.message, wait_s, poll_s)
     row = {"time": sent.time, "competition": sent.competition, "file": sent.file,
            "message": sent.message, "experiment": sent.experiment,
            "cv_auc": "" if sent.cv_auc is None else f"{sent.cv_auc:.4f}",
            "status": PENDING, "public_score": "", "private_score": "", "ref": sent.ref}
+    append_score(table, row)  # recorded at once: a wait cut short leaves a row for `make scores`
+    found = await_score(sent.competition, secrets, sent.ref, sent.message, wait_s, poll_s)
     if found is not None:
         row.update(_kaggle_fields(found, row["ref"]))
+        update_row(table, row)
     error = error_text(row["ref"], secrets) if row["status"] == ERROR else ""
-    append_score(table, row)
     log_outcome(row, Path(table), error, waited_s=wait_s)
     return row
 
@@ -247,6 +248,17 @@ def append_score(path: str | Path, row: dict) -> None:
         if not path.exists() or path.stat().st_size == 0:
             text = ",".join(SCORES_COLUMNS) + "\n" + text
         append_whole(path, text)
+
+
+def update_row(path: str | Path, row: dict) -> None:
+    """Replace the row sent at `row['time']` to `row['competition']` with `row`, under the lock."""
+    path = Path(path)
+    with locked(_lock(path)):
+        table = read_scores(path)
+        match = (table["time"] == row["time"]) & (table["competition"] == row["competition"])
+        for key, value in row.items():
+            table.loc[match, key] = value
+        atomic_write_csv(table[SCORES_COLUMNS], path)
 
 
 def read_scores(path: str | Path) -> pd.DataFrame:

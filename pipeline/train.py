@@ -25,7 +25,13 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from scipy.special import expit
 
 from pipeline.atomic import NO_ROOM, atomic_path, atomic_write_csv, atomic_write_text, no_room_error
-from pipeline.config import Config, changed_settings, load_config, save_config
+from pipeline.config import (
+    Config,
+    changed_folds_settings,
+    changed_settings,
+    load_config,
+    save_config,
+)
 from pipeline.data import (
     FoldDataModule,
     dataset_from_frame,
@@ -48,9 +54,17 @@ def fold_dir(cfg: Config, fold: int) -> Path:
 
 
 def read_folds(cfg: Config) -> pd.DataFrame:
+    """The folds table, refused if the config saved beside it made it from other inputs or split."""
     path = Path(cfg.folds.output)
     if not path.is_file():
         raise UserError(f"{path}: folds file not found; run `make folds` first")
+    saved = path.with_name(path.stem + ".config.yaml")
+    if saved.is_file():
+        changed = changed_folds_settings(load_config(saved), cfg)
+        if changed:
+            raise UserError(f"{path} was made from other data or fold settings ({saved}): "
+                            f"{'; '.join(changed[:5])}. Run `make folds` with this config, or give "
+                            "this experiment its own file (make ... FOLDS_CSV=folds/<name>.csv)")
     return pd.read_csv(path, dtype={"image_name": "string", "patient_id": "string"})
 
 

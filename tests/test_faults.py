@@ -481,3 +481,16 @@ def test_a_full_disk_during_training_is_one_error_naming_the_fold(tmp_path):
     assert not list(fold.glob(".*.tmp"))  # no temporary checkpoint left behind
     for ckpt in fold.glob("*.ckpt"):
         torch.load(ckpt, weights_only=False)  # whatever is there is whole
+
+
+def test_a_folds_file_made_from_other_settings_is_refused(tmp_path):
+    from pipeline.folds import run_folds
+    from pipeline.train import read_folds
+    folds, overrides = make_tiny_set(tmp_path)
+    folds[["image_name", "patient_id", "target"]].to_csv(tmp_path / "train.csv", index=False)
+    base = [f"data.train_csv={tmp_path}/train.csv", f"data.train_images={tmp_path}/jpeg",
+            f"folds.output={tmp_path}/f.csv", "folds.n_folds=3"]
+    run_folds(load_config(None, base))
+    assert len(read_folds(load_config(None, base + ["train.epochs=3"]))) == len(folds)
+    with pytest.raises(UserError, match=r"f.csv was made from other data or fold settings .*folds.seed: 42 -> 7"):
+        read_folds(load_config(None, base + ["folds.seed=7"]))

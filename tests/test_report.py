@@ -59,3 +59,14 @@ def test_report_says_which_auc_chose_the_checkpoints(cfg):
     assert any(x.startswith("CV AUC, 2020 images only  0.8500  95% CI [0.8000, 0.8900]") for x in lines)
     assert any("best.ckpt chosen by val_auc_2020; the CV quoted is oof_auc_2020 = 0.8500" in x
                for x in lines)
+
+
+def test_an_older_cv_json_without_the_2020_interval_still_draws(tmp_path):
+    import pandas as pd
+
+    from pipeline.report_html import roc_section
+    cfg = Config(experiment="old", runs_dir=str(tmp_path))
+    cfg.run_dir.mkdir(parents=True)
+    pd.DataFrame({"target": [0, 1, 0, 1], "pred": [0.1, 0.9, 0.4, 0.6], "fold": [0, 0, 1, 1],
+                  "source": "isic2020"}).to_csv(cfg.run_dir / "oof.csv", index=False)
+    assert "data:image/png" in roc_section(cfg, {"oof_auc_ci95": [0.5, 0.9]})

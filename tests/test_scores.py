@@ -256,3 +256,17 @@ def test_rows_are_whole_and_the_header_written_once(tmp_path, caplog):
     path.write_text("a,b\n1,2\n")
     with pytest.raises(UserError, match="not the scores header"):
         read_scores(path)
+
+
+def test_a_wait_cut_short_leaves_a_pending_row_for_make_scores(tmp_path, monkeypatch):
+    from pipeline.scores import Sent, track_submission
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.scores.await_score", interrupted)
+    sent = Sent("2026-11-27T21:00:00+00:00", COMPETITION, "ensemble.csv", "m | cv=0.9 | abc", "e", 0.9, "77")
+    with pytest.raises(KeyboardInterrupt):
+        track_submission(sent, ["secret"], tmp_path / "scores.csv")
+    table = read_scores(tmp_path / "scores.csv")
+    assert list(table["status"]) == ["pending"] and list(table["ref"]) == ["77"]
