@@ -46,13 +46,15 @@ import pandas as pd
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.config import Config, ConfigError, InferConfig, load_config
 from pipeline.errors import UserError
+from pipeline.report_html import PAGE
+from pipeline.scores import SCORES_NAME
+from pipeline.scores import read_scores as scores_table
 from pipeline.submissions import MANIFEST_COLUMNS, read_manifest
 
 log = logging.getLogger(__name__)
 
 CSV_NAME = "experiments.csv"
 HTML_NAME = "experiments.html"
-SCORES_NAME = "scores.csv"
 SCORES_USED = ["time", "experiment", "public_score", "private_score"]
 DATE_FORMAT = "%Y-%m-%d %H:%M"
 COLUMNS = [
@@ -224,21 +226,15 @@ def experiment_row(folder: Path,
 
 
 def read_scores(paths: Iterable[Path]) -> pd.DataFrame:
-    """The rows of every readable scores.csv among `paths` (each file once): scores as numbers,
-    `time` parsed. An unreadable file is a warning, not an error."""
+    """The rows of every readable scores.csv among `paths` (each file once, read by
+    `pipeline.scores.read_scores`): scores as numbers, `time` parsed. An unreadable file is a
+    warning, not an error."""
     frames = []
     for path in dict.fromkeys(p.resolve() for p in paths if p.is_file()):
         try:
-            df = pd.read_csv(path, dtype="string", keep_default_na=False, na_values=[""])
-        except (OSError, ValueError) as err:  # an empty or garbled file
+            frames.append(scores_table(path)[SCORES_USED])
+        except (UserError, OSError, ValueError) as err:  # a foreign, empty or garbled file
             log.warning("%s: cannot read it (%s); its scores are left out", path, err)
-            continue
-        missing = [c for c in SCORES_USED if c not in df.columns]
-        if missing:
-            log.warning("%s: no column(s) %s (found %s); its scores are left out", path, missing,
-                        list(df.columns))
-            continue
-        frames.append(df[SCORES_USED])
     scores = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCORES_USED)
     for column in ("public_score", "private_score"):
         scores[column] = pd.to_numeric(scores[column], errors="coerce").astype("float64")
@@ -300,20 +296,10 @@ def table_text(shown: pd.DataFrame, runs: Path) -> str:
 
 
 def html_page(shown: pd.DataFrame, runs: Path) -> str:
-    """A minimal standalone page around the table."""
-    title = html.escape(f"Experiments under {runs}")
-    table = shown.to_html(index=False, border=0, na_rep="")
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<title>{title}</title>\n<style>\n"
-        "body { font-family: sans-serif; margin: 1.5em; }\n"
-        "table { border-collapse: collapse; }\n"
-        "th, td { padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; }\n"
-        "</style>\n</head>\n<body>\n"
-        f"<h1>{title}</h1>\n<p>{len(shown)} experiment(s); blank: not measured or not found. "
-        "CV and CI: OOF AUC with no TTA; scores: Kaggle public/private.</p>\n"
-        f"{table}\n</body>\n</html>\n"
-    )
+    """The table in the report's page template."""
+    body = (f"<p>{len(shown)} experiment(s); blank: not measured or not found. CV and CI: OOF AUC "
+            "with no TTA; scores: Kaggle public/private.</p>" + shown.to_html(index=False, border=0, na_rep=""))
+    return PAGE.substitute(title=html.escape(f"Experiments under {runs}"), body=body)
 
 
 def list_experiments(cfg: Config) -> str:
