@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 import timm
 import torch
@@ -131,6 +133,7 @@ class MelanomaModel(pl.LightningModule):
         class_weight[MEL] = self.train_cfg.pos_weight
         self.register_buffer("class_weight", class_weight, persistent=False)
         self._val: list[tuple[torch.Tensor, ...]] = []
+        self.val_predictions: pd.DataFrame | None = None  # the last validation, one row per image
         self._first_bad: torch.Tensor | None = None
         self._lrs: dict[int, float] = {}
         self.skipped = 0
@@ -225,15 +228,20 @@ class MelanomaModel(pl.LightningModule):
             return
         loss, logits, targets = self.model_step(batch)
         self.log("val_loss", loss, on_epoch=True, batch_size=len(targets), sync_dist=True)
-        self._val.append((logits, targets, batch["is_2020"]))
+        self._val.append((batch["index"], logits, targets, batch["is_2020"]))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
-        logits, targets, is_2020 = (
+        index, logits, targets, is_2020 = (
             self.all_gather(torch.cat(t)).flatten().cpu().numpy() for t in zip(*self._val, strict=True)
         )
         self._val.clear()
+        # under DDP the sampler pads the last ranks with repeats of the first rows: score each
+        # validation image once
+        index, first = np.unique(index, return_index=True)
+        logits, targets, is_2020 = logits[first], targets[first], is_2020[first]
+        self.val_predictions = pd.DataFrame({"index": index, "prob": expit(logits), "target": targets})
         probs = expit(logits)
         is_2020 = is_2020.astype(bool)
         sanity = self.trainer.sanity_checking

@@ -166,8 +166,9 @@ def score_fold(cfg: Config, fold: int, valid: pd.DataFrame) -> pd.DataFrame:
 
 
 def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
-               callbacks: Sequence[Callback] = ()) -> pd.DataFrame:
+               callbacks: Sequence[Callback] = ()) -> pd.DataFrame | None:
     """Fit fold `fold` (resuming from last.ckpt if a run was killed) and write its oof.csv.
+    Under DDP every rank trains and only rank 0 predicts the OOF (the others return None).
 
     A fold whose oof.csv exists is finished and skipped; if that OOF scored another checkpoint
     than `infer.checkpoint`, the fold is scored again (no refit).
@@ -197,6 +198,8 @@ def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
     save_config(cfg, out)
     try:
         trainer.fit(model, data, ckpt_path=resume if resume.is_file() else None)
+        if not trainer.is_global_zero:  # under DDP the OOF and the summary are rank 0's
+            return None
     except OSError as err:
         if err.errno in NO_ROOM:
             where = Path(err.filename) if err.filename else out
@@ -272,8 +275,9 @@ def train_all(cfg: Config, folds_to_train: Sequence[int] | None = None) -> dict:
     if unknown:
         raise UserError(f"fold(s) {unknown} not in {cfg.folds.output} (folds: {all_folds})")
     check_same_training(cfg)
-    for fold in chosen:
-        train_fold(cfg, fold, folds)
+    results = [train_fold(cfg, fold, folds) for fold in chosen]
+    if any(r is None for r in results):  # a DDP rank other than 0: rank 0 summarises
+        return {}
     done = [f for f in all_folds if (fold_dir(cfg, f) / "oof.csv").is_file()]
     pending = sorted(set(all_folds) - set(done))
     if pending:
