@@ -13,6 +13,7 @@ FOLDS_CSV ?= folds/folds.csv
 ARGS ?=
 FOLD ?= 0
 FOLDS ?=
+GPUS ?=
 MSG ?= submission
 DEMO_CONFIG := configs/demo.yaml
 RUN = $(BIN)/python scripts/$(1).py --config $(CONFIG) folds.output=$(FOLDS_CSV) $(ARGS)
@@ -57,8 +58,8 @@ $(FOLDS_CSV): $(STAMP) $(CONFIG) pipeline/folds.py pipeline/merge.py
 train: $(FOLDS_CSV) ## train one fold: make train FOLD=k
 	$(call RUN,train) --folds $(FOLD)
 
-train-all: $(FOLDS_CSV) ## train every fold (or FOLDS="0 1"); finished folds are skipped, killed ones resume
-	$(call RUN,train) $(if $(FOLDS),--folds $(FOLDS))
+train-all: $(FOLDS_CSV) ## train every fold (or FOLDS="0 1"; GPUS="0 1 2 3": one fold per GPU at a time); finished folds are skipped, killed ones resume
+	$(call RUN,train) $(if $(FOLDS),--folds $(FOLDS)) $(if $(GPUS),--gpus $(GPUS))
 
 infer: $(STAMP) ## TTA inference of every fold model into numbered submissions, then the ensemble
 	$(call RUN,infer)

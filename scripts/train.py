@@ -1,15 +1,20 @@
-"""`make train FOLD=k` / `make train-all`: one Lightning model per fold, then the CV table."""
+"""`make train FOLD=k` / `make train-all [GPUS="0 1"]`: one Lightning model per fold, then the CV table."""
 
 from pipeline.cli import run
+from pipeline.parallel import train_parallel
 from pipeline.train import train_all
 
 
 def add_args(parser) -> None:
     parser.add_argument("--folds", type=int, nargs="+", help="folds to train (default: all)")
+    parser.add_argument("--gpus", nargs="+", help="train folds in parallel, one process per GPU id")
 
 
 def main(cfg, args) -> None:
-    train_all(cfg, args.folds)
+    if args.gpus:
+        train_parallel(cfg, args.config, args.overrides, args.gpus, args.folds)
+    else:
+        train_all(cfg, args.folds)
 
 
 if __name__ == "__main__":
