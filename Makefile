@@ -26,7 +26,7 @@ export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo data-demo folds train train-all infer ensemble check-submission \
-        submit report download bench compare experiments scores test test-slow lint clean-demo
+        submit report download bench compare experiments scores slurm test test-slow lint clean-demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -60,6 +60,9 @@ train: $(FOLDS_CSV) ## train one fold: make train FOLD=k
 
 train-all: $(FOLDS_CSV) ## train every fold (or FOLDS="0 1"; GPUS="0 1 2 3": one fold per GPU at a time); finished folds are skipped, killed ones resume
 	$(call RUN,train) $(if $(FOLDS),--folds $(FOLDS)) $(if $(GPUS),--gpus $(GPUS))
+
+slurm: $(FOLDS_CSV) ## SLURM job array over folds (one GPU each) + a summary job: runs/<experiment>/slurm/submit.sh
+	$(BIN)/python scripts/slurm/make_jobs.py --config $(CONFIG) folds.output=$(FOLDS_CSV) $(ARGS)
 
 infer: $(STAMP) ## TTA inference of every fold model into numbered submissions, then the ensemble
 	$(call RUN,infer)

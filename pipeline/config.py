@@ -251,6 +251,19 @@ class CompareConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """`make slurm`: a job array over folds, one GPU each, and a summary job after it."""
+
+    partition: str | None = None
+    account: str | None = None
+    time: str = "24:00:00"
+    cpus_per_task: int = 8
+    mem: str = "64G"
+    gpus_per_task: int = 1
+    python: str = ".venv/bin/python"
+
+
+@dataclass
 class Config:
     experiment: str = "default"
     runs_dir: str = "runs"
@@ -264,6 +277,7 @@ class Config:
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def run_dir(self) -> Path:

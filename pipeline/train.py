@@ -157,6 +157,23 @@ def scored_checkpoint(out: Path, which: str) -> Path:
     return out / "last.ckpt"
 
 
+def resume_checkpoint(out: Path) -> Path:
+    """The newest of last.ckpt and the checkpoints Lightning saves when SLURM preempts a job
+    (`hpc_ckpt_<n>.ckpt`); last.ckpt's path when there is none."""
+    found = [p for p in [out / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else out / "last.ckpt"
+
+
+def summarize_finished(cfg: Config) -> dict:
+    """The run's OOF and cv.json from every finished fold (the job after a SLURM array)."""
+    folds = read_folds(cfg)
+    done = [f for f in sorted(int(f) for f in set(folds["fold"]) if f >= 0)
+            if (fold_dir(cfg, f) / "oof.csv").is_file()]
+    if not done:
+        raise UserError(f"no finished fold under {cfg.run_dir}: nothing to summarise")
+    return summarize(cfg, [pd.read_csv(fold_dir(cfg, f) / "oof.csv") for f in done])
+
+
 def score_fold(cfg: Config, fold: int, valid: pd.DataFrame) -> pd.DataFrame:
     """Predict the fold's validation images with the checkpoint inference uses; write its oof.csv."""
     out = fold_dir(cfg, fold)
@@ -187,7 +204,7 @@ def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
     split = split_fold(folds, fold)
     pl.seed_everything(cfg.train.seed + fold, workers=True, verbose=False)
     model = MelanomaModel.from_configs(cfg.model, cfg.train, fold)
-    resume = out / "last.ckpt"
+    resume = resume_checkpoint(out)
     if resume.is_file():
         read_checkpoint(str(resume))  # a damaged one is named here, not deep inside Lightning
         log.info("fold %d: resuming from %s", fold, resume)

@@ -2,16 +2,19 @@
 
 from pipeline.cli import run
 from pipeline.parallel import train_parallel
-from pipeline.train import train_all
+from pipeline.train import summarize_finished, train_all
 
 
 def add_args(parser) -> None:
     parser.add_argument("--folds", type=int, nargs="+", help="folds to train (default: all)")
     parser.add_argument("--gpus", nargs="+", help="train folds in parallel, one process per GPU id")
+    parser.add_argument("--summary-only", action="store_true", help="only the OOF and cv.json of finished folds")
 
 
 def main(cfg, args) -> None:
-    if args.gpus:
+    if args.summary_only:
+        summarize_finished(cfg)
+    elif args.gpus:
         train_parallel(cfg, args.config, args.overrides, args.gpus, args.folds)
     else:
         train_all(cfg, args.folds)

@@ -40,3 +40,42 @@ def test_a_failed_fold_is_named_with_its_log(tmp_path):
     with pytest.raises(UserError, match=r"fold\(s\) \[0, 2\] failed; their logs: .*fold0/train.log"):
         train_parallel(cfg, None, overrides, ["0", "1"], [0, 2], poll_s=0.2)
     assert "no_such_net" in (fold_dir(cfg, 0) / "train.log").read_text()
+
+
+def test_slurm_array_over_the_pending_folds(tmp_path):
+    import os
+    import time
+
+    from pipeline.slurm import write_slurm
+    from pipeline.train import resume_checkpoint
+    folds, overrides = make_tiny_set(tmp_path)
+    cfg = load_config(None, overrides + ["slurm.partition=gpu", "slurm.time=12:00:00",
+                                         "slurm.cpus_per_task=6"])
+    (fold_dir(cfg, 1)).mkdir(parents=True)
+    (fold_dir(cfg, 1) / "oof.csv").write_text("finished\n")  # fold 1 is done: not in the array
+    submit = write_slurm(cfg, "configs/x.yaml", ["train.epochs=3"])
+    train = (submit.parent / "train.sbatch").read_text()
+    for line in ("#SBATCH --array=0,2", "#SBATCH --gpus-per-task=1", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=12:00:00", "#SBATCH --cpus-per-task=6", "#SBATCH --requeue",
+                 "#SBATCH --signal=SIGUSR1@120"):
+        assert line in train.splitlines(), line
+    assert "scripts/train.py --config configs/x.yaml train.epochs=3 --folds $SLURM_ARRAY_TASK_ID" in train
+    summary = (submit.parent / "summary.sbatch").read_text()
+    assert "--summary-only" in summary and "--gpus-per-task" not in summary
+    assert "sbatch --dependency=afterok:${array%%;*} summary.sbatch" in submit.read_text()
+    # a preempted task resumes from the newest checkpoint Lightning left
+    out = fold_dir(cfg, 0)
+    out.mkdir(parents=True)
+    (out / "last.ckpt").write_bytes(b"a")
+    time.sleep(0.01)
+    (out / "hpc_ckpt_1.ckpt").write_bytes(b"b")
+    assert resume_checkpoint(out).name == "hpc_ckpt_1.ckpt"
+    os.utime(out / "last.ckpt")
+    assert resume_checkpoint(out).name == "last.ckpt"
+
+
+def test_summary_only_needs_a_finished_fold(tmp_path):
+    from pipeline.train import summarize_finished
+    _, overrides = make_tiny_set(tmp_path)
+    with pytest.raises(UserError, match="no finished fold"):
+        summarize_finished(load_config(None, overrides))
