@@ -64,8 +64,8 @@ train-all: $(FOLDS_CSV) ## train every fold (or FOLDS="0 1"; GPUS="0 1 2 3": one
 slurm: $(FOLDS_CSV) ## SLURM job array over folds (one GPU each) + a summary job: runs/<experiment>/slurm/submit.sh
 	$(BIN)/python scripts/slurm/make_jobs.py --config $(CONFIG) folds.output=$(FOLDS_CSV) $(ARGS)
 
-infer: $(STAMP) ## TTA inference of every fold model into numbered submissions, then the ensemble
-	$(call RUN,infer)
+infer: $(STAMP) ## TTA inference of every fold model into numbered submissions, then the ensemble (GPUS="0 1": shard the models)
+	$(call RUN,infer) $(if $(GPUS),--gpus $(GPUS))
 
 ensemble: $(STAMP) ## combine numbered submissions (mean | rank | weighted) into the ensemble CSV
 	$(call RUN,ensemble)

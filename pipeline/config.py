@@ -196,6 +196,7 @@ class InferConfig:
     batch_size: int = 64
     max_forward_batch: int = 512  # on CUDA, views of a batch share a forward up to this many images
     oof_tta: bool = True
+    folds: list[int] = field(default_factory=list)  # fold models to run (empty: all)
     submissions_dir: str = "submissions"
 
 

@@ -60,11 +60,20 @@ def trained_config(cfg: Config) -> Config:
     return trained
 
 
+def inferred_folds(cfg: Config, trained: Config) -> list[int]:
+    """The run's folds, or those of `infer.folds`; a fold the run does not have is an error."""
+    folds = sorted(int(f) for f in set(read_folds(trained)["fold"]) if f >= 0)
+    unknown = sorted(set(cfg.infer.folds) - set(folds))
+    if unknown:
+        raise UserError(f"infer.folds: fold(s) {unknown} not in {trained.folds.output} (folds: {folds})")
+    return [f for f in folds if not cfg.infer.folds or f in cfg.infer.folds]
+
+
 def load_fold_models(cfg: Config, trained: Config) -> list[FoldModel]:
     """Every fold's checkpoint (`infer.checkpoint`: best | last); all missing ones named at once."""
     if cfg.infer.checkpoint not in ("best", "last"):
         raise UserError(f"infer.checkpoint must be 'best' or 'last', got {cfg.infer.checkpoint!r}")
-    folds = sorted(int(f) for f in set(read_folds(trained)["fold"]) if f >= 0)
+    folds = inferred_folds(cfg, trained)
     paths = {f: fold_dir(trained, f) / f"{cfg.infer.checkpoint}.ckpt" for f in folds}
     missing = [f for f, p in paths.items() if not p.is_file()]
     if missing:
@@ -154,10 +163,12 @@ def write_submissions(cfg: Config, trained: Config, models: list[FoldModel], tes
     return numbers
 
 
-def oof_tta(cfg: Config, trained: Config, models: list[FoldModel]) -> pd.DataFrame:
-    """Each fold's validation images through its own model on every pass: runs/<exp>/oof_tta.csv."""
+OOF_TTA_NAME = "oof_tta.csv"
+
+
+def oof_tta(cfg: Config, trained: Config, models: list[FoldModel]) -> None:
+    """Each fold's validation images through its own model on every pass: fold<k>/oof_tta.csv."""
     folds = read_folds(trained)
-    parts = []
     names = [f"pred_{view}" for view, _ in tta_passes(cfg)]
     for fm in models:
         valid = folds[folds["fold"] == fm.fold].reset_index(drop=True)
@@ -166,9 +177,13 @@ def oof_tta(cfg: Config, trained: Config, models: list[FoldModel]) -> pd.DataFra
         for name, row in zip(names, logits, strict=True):
             part[name] = expit(row)
         part["pred_tta"] = combine_views(logits, cfg.infer.average)
-        parts.append(part)
-    oof = pd.concat(parts, ignore_index=True)
-    atomic_write_csv(oof, trained.run_dir / "oof_tta.csv")
+        atomic_write_csv(part, fold_dir(trained, fm.fold) / OOF_TTA_NAME)
+
+
+def merge_oof_tta(trained: Config, folds: list[int]) -> pd.DataFrame:
+    """The folds' OOF TTA tables as the run's runs/<exp>/oof_tta.csv."""
+    oof = pd.concat([pd.read_csv(fold_dir(trained, f) / OOF_TTA_NAME) for f in folds], ignore_index=True)
+    atomic_write_csv(oof, trained.run_dir / OOF_TTA_NAME)
     return oof
 
 
@@ -192,8 +207,9 @@ def check_test_ids(cfg: Config, test: pd.DataFrame) -> None:
         log.warning("%s not found: the test ids are not checked against a sample submission", sample)
 
 
-def run_infer(cfg: Config) -> Path:
-    """The `make infer` stage: numbered submissions, the OOF TTA table, then the ensemble."""
+def infer_models(cfg: Config) -> list[int]:
+    """Numbered submissions (and the per-fold OOF TTA tables) of the fold models `infer.folds`
+    selects; returns the submission numbers taken. A shard of a parallel inference stops here."""
     trained = trained_config(cfg)
     models = load_fold_models(cfg, trained)
     test = load_test(cfg.data)
@@ -202,7 +218,20 @@ def run_infer(cfg: Config) -> Path:
     logits = predict_all(cfg, trained, models, test, "test tta")
     numbers = write_submissions(cfg, trained, models, test, logits)
     if cfg.infer.oof_tta:
-        table = tta_table(oof_tta(cfg, trained, models))
+        oof_tta(cfg, trained, models)
+    return numbers
+
+
+def run_infer(cfg: Config) -> Path:
+    """The `make infer` stage: numbered submissions, the OOF TTA table, then the ensemble."""
+    return finish_infer(cfg, infer_models(cfg))
+
+
+def finish_infer(cfg: Config, numbers: list[int]) -> Path:
+    """The OOF TTA table over the inferred folds, then the ensemble of exactly `numbers`."""
+    trained = trained_config(cfg)
+    if cfg.infer.oof_tta:
+        table = tta_table(merge_oof_tta(trained, inferred_folds(cfg, trained)))
         atomic_write_text(trained.run_dir / "tta_oof.json", table.to_json(indent=2) + "\n")
         log.info("TTA on out-of-fold images (%s of views):\n%s", cfg.infer.average,
                  table.to_string(float_format="%.4f"))

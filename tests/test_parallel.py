@@ -79,3 +79,30 @@ def test_summary_only_needs_a_finished_fold(tmp_path):
     _, overrides = make_tiny_set(tmp_path)
     with pytest.raises(UserError, match="no finished fold"):
         summarize_finished(load_config(None, overrides))
+
+
+@pytest.mark.timeout(600)
+def test_inference_sharded_over_two_slots_then_one_ensemble(tmp_path):
+    from pipeline.parallel import infer_parallel
+    from pipeline.submissions import read_manifest
+    from pipeline.submit import check_submission
+    from pipeline.train import train_all
+    folds, overrides = make_tiny_set(tmp_path)
+    test = folds[["image_name"]].iloc[::3]
+    test.to_csv(tmp_path / "test.csv", index=False)
+    test.assign(target=0).to_csv(tmp_path / "sample.csv", index=False)
+    overrides += [f"data.test_csv={tmp_path}/test.csv", f"data.test_images={tmp_path}/jpeg",
+                  f"data.sample_submission={tmp_path}/sample.csv", f"infer.submissions_dir={tmp_path}/subs",
+                  f"ensemble.output={tmp_path}/subs/ensemble.csv", "train.epochs=1",
+                  "infer.views=[identity,hflip]", "train.progress_bar=false"]
+    cfg = load_config(None, overrides)
+    train_all(cfg)
+    output = infer_parallel(cfg, None, overrides, ["", ""], poll_s=0.2)
+    check_submission(output, tmp_path / "sample.csv")
+    manifest = read_manifest(tmp_path / "subs")
+    assert len(manifest) == 3 * 2 and manifest["n"].is_unique  # 3 folds x 2 views, two shards
+    assert sorted(set(manifest["fold"])) == [0, 1, 2]
+    assert json.loads((tmp_path / "subs" / "ensemble.json").read_text())["files"].__len__() == 6
+    oof = pd.read_csv(cfg.run_dir / "oof_tta.csv")
+    assert sorted(oof["image_name"]) == sorted(folds["image_name"])  # every fold's OOF, once
+    assert (cfg.run_dir / "infer_shard0.log").is_file() and (cfg.run_dir / "infer_shard1.log").is_file()
