@@ -1,6 +1,7 @@
 """DDP on the CPU (2 processes, gloo): validation scores each image once, OOF and the summary
 come from rank 0 only, and match a single process on the same checkpoint."""
 
+import json
 import os
 import subprocess
 import sys
@@ -36,4 +37,7 @@ def test_two_process_validation_equals_one_process_row_for_row(tmp_path):
     np.testing.assert_allclose(gathered.sort_values("index")["prob"], single["pred"], rtol=1e-4, atol=1e-6)
     oof = pd.read_csv(fold_dir(cfg, 0) / "oof.csv")
     assert sorted(oof["image_name"]) == sorted(valid["image_name"])  # written once, by rank 0
-    assert (cfg.run_dir / "cv.json").is_file()
+    from pipeline.train import train_all
+    single = train_all(load_config(None, overrides + ["train.epochs=3", f"runs_dir={tmp_path}/single"]), [0])
+    ddp_cv = json.loads((cfg.run_dir / "cv.json").read_text())
+    assert set(ddp_cv) == set(single) and ddp_cv["n_images"] == single["n_images"] == len(valid)
