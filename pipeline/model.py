@@ -230,16 +230,33 @@ class MelanomaModel(pl.LightningModule):
         self.log("val_loss", loss, on_epoch=True, batch_size=len(targets), sync_dist=True)
         self._val.append((batch["index"], logits, targets, batch["is_2020"]))
 
-    def on_validation_epoch_end(self) -> None:
-        if not self._val:
-            return
-        index, logits, targets, is_2020 = (
-            self.all_gather(torch.cat(t)).flatten().cpu().numpy() for t in zip(*self._val, strict=True)
-        )
+    def _gather_validation(self) -> np.ndarray | None:
+        """The epoch's rows (index, logit, target, is_2020) from every rank, as a (4, N) array.
+
+        Every rank joins the gather, with its rows padded to the longest rank's count: ranks hold
+        different counts when unreadable images were skipped, and gathers need equal shapes.
+        """
+        columns = [torch.cat(t).float() for t in zip(*self._val, strict=True)] if self._val else []
         self._val.clear()
+        count = torch.tensor([len(columns[0]) if columns else 0], device=self.device)
+        longest = int(self.all_gather(count).max())
+        if longest == 0:
+            return None
+        padded = torch.full((4, longest), -1.0, device=self.device)
+        for i, column in enumerate(columns):
+            padded[i, : len(column)] = column.to(self.device)
+        rows = self.all_gather(padded).reshape(-1, 4, longest).permute(1, 0, 2).reshape(4, -1)
+        rows = rows.cpu().numpy()
+        return rows[:, rows[0] >= 0]  # padding has index -1
+
+    def on_validation_epoch_end(self) -> None:
+        rows = self._gather_validation()
+        if rows is None:
+            return
+        index, logits, targets, is_2020 = rows
         # under DDP the sampler pads the last ranks with repeats of the first rows: score each
         # validation image once
-        index, first = np.unique(index, return_index=True)
+        index, first = np.unique(index.astype(np.int64), return_index=True)
         logits, targets, is_2020 = logits[first], targets[first], is_2020[first]
         self.val_predictions = pd.DataFrame({"index": index, "prob": expit(logits), "target": targets})
         probs = expit(logits)

@@ -8,8 +8,10 @@ only the folds still missing, and a killed fold resumes from its last.ckpt as in
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,10 +41,28 @@ def pending_folds(cfg: Config, chosen: list[int] | None) -> list[int]:
     return [f for f in folds if not (fold_dir(cfg, f) / "oof.csv").is_file()]
 
 
+def gpu_id(text: str) -> str:
+    """A `--gpus` entry: a device id or comma-separated ids (what CUDA_VISIBLE_DEVICES takes)."""
+    if not re.fullmatch(r"\d+(,\d+)*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU id (e.g. 0, or 0,1); put "
+                                         "section.key=value overrides before --gpus")
+    return text
+
+
 def run_jobs(jobs: list[tuple[str, list[str], Path]], gpus: list[str], poll_s: float) -> list[str]:
     """Run `(name, command, log file)` jobs, at most one per GPU slot at a time, each pinned to its
-    slot with CUDA_VISIBLE_DEVICES; returns the names of the jobs that failed (each logged)."""
-    queue, free, running, failed = list(jobs), list(gpus), {}, []
+    slot with CUDA_VISIBLE_DEVICES; returns the names of the jobs that failed (each logged).
+    If this process stops (an error, Ctrl-C), the jobs still running are stopped with it."""
+    running: dict = {}
+    try:
+        return _run(jobs, gpus, poll_s, running)
+    finally:
+        for proc in running:
+            proc.terminate()
+
+
+def _run(jobs, gpus, poll_s, running) -> list[str]:
+    queue, free, failed = list(jobs), list(gpus), []
     while queue or running:
         while queue and free:
             (name, command, logfile), gpu = queue.pop(0), free.pop(0)
@@ -71,7 +91,8 @@ def train_parallel(cfg: Config, config_path: str | None, overrides: list[str], g
     summarise. Each fold's output goes to `<fold>/train.log`; a failed fold is named with its log."""
     folds = pending_folds(cfg, chosen)
     log.info("folds to train: %s on GPU slot(s) %s", folds, gpus)
-    jobs = [(f"fold {f}", script_command(TRAIN_SCRIPT, config_path, overrides, "--folds", str(f)),
+    jobs = [(f"fold {f}", script_command(TRAIN_SCRIPT, config_path, overrides, "--folds", str(f),
+                                         "--no-summary"),
              fold_dir(cfg, f) / "train.log") for f in folds]
     failed = [int(name.split()[1]) for name in run_jobs(jobs, gpus, poll_s)]
     if failed:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Config
+from pipeline.errors import UserError
 from pipeline.parallel import pending_folds
 
 log = logging.getLogger(__name__)
@@ -22,19 +23,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def slurm_time(value: str) -> str:
-    """`slurm.time` as SLURM reads it. YAML turns an unquoted 12:00:00 into 43200 (seconds, base
-    60), which SLURM would read as minutes: such a number goes back to H:MM:SS."""
-    if not value.isdigit():
-        return value
-    seconds = int(value)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    """`slurm.time` as written. A bare number is refused: YAML turns an unquoted 12:00:00 into
+    43200 (seconds, base 60), while SLURM reads a number as minutes."""
+    if value.isdigit():
+        raise UserError(f"slurm.time={value} is a bare number: YAML reads an unquoted 12:00:00 as "
+                        f"{12 * 3600} seconds and SLURM reads a number as minutes; quote it, e.g. "
+                        "slurm.time='12:00:00'")
+    return value
 
 
 def _header(cfg: Config, name: str, log_name: str) -> list[str]:
     s = cfg.slurm
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --time={slurm_time(s.time)}",
              f"#SBATCH --cpus-per-task={s.cpus_per_task}", f"#SBATCH --mem={s.mem}",
-             f"#SBATCH --output={cfg.run_dir.resolve() / 'slurm' / log_name}"]
+             f"#SBATCH --output={cfg.run_dir.resolve() / 'slurm' / log_name}",
+             "#SBATCH --open-mode=append"]  # a requeued task adds to its log
     lines += [f"#SBATCH --partition={s.partition}"] if s.partition else []
     lines += [f"#SBATCH --account={s.account}"] if s.account else []
     return lines
@@ -53,7 +56,7 @@ def train_script(cfg: Config, config_path: str | None, overrides: list[str], fol
         f"#SBATCH --array={','.join(str(f) for f in folds)}",
         f"#SBATCH --gpus-per-task={cfg.slurm.gpus_per_task}",
         "#SBATCH --ntasks=1", "#SBATCH --requeue", "#SBATCH --signal=SIGUSR1@120",
-        _command(cfg, config_path, overrides, "--folds $SLURM_ARRAY_TASK_ID"),
+        _command(cfg, config_path, overrides, "--folds $SLURM_ARRAY_TASK_ID --no-summary"),
     ]
     return "\n".join(lines) + "\n"
 
@@ -65,13 +68,15 @@ def summary_script(cfg: Config, config_path: str | None, overrides: list[str]) -
     return "\n".join(lines) + "\n"
 
 
-def write_slurm(cfg: Config, config_path: str | None, overrides: list[str]) -> Path:
-    """runs/<experiment>/slurm/{train.sbatch, summary.sbatch, submit.sh}; returns submit.sh."""
+def write_slurm(cfg: Config, config_path: str | None, overrides: list[str]) -> Path | None:
+    """runs/<experiment>/slurm/{train.sbatch, summary.sbatch, submit.sh}; returns submit.sh, or
+    None when every fold is finished (nothing written)."""
     folds = pending_folds(cfg, None)
     if not folds:
-        log.info("every fold of %s is finished; nothing to submit", cfg.experiment)
+        log.info("every fold of %s is finished: no job written (make train-all summarises)", cfg.experiment)
+        return None
     folder = cfg.run_dir / "slurm"
-    atomic_write_text(folder / "train.sbatch", train_script(cfg, config_path, overrides, folds or [0]))
+    atomic_write_text(folder / "train.sbatch", train_script(cfg, config_path, overrides, folds))
     atomic_write_text(folder / "summary.sbatch", summary_script(cfg, config_path, overrides))
     submit = folder / "submit.sh"
     atomic_write_text(submit, "#!/bin/bash\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -202,6 +204,29 @@ def train_fold(cfg: Config, fold: int, folds: pd.DataFrame | None = None,
                  sorted(scored), cfg.infer.checkpoint)
         return score_fold(cfg, fold, split_fold(folds, fold).valid)
     split = split_fold(folds, fold)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.devices != 1:  # DDP: every rank runs this; the launcher owns the processes
+        return _fit_fold(cfg, fold, split, callbacks)
+    with fold_lock(out):
+        return _fit_fold(cfg, fold, split, callbacks)
+
+
+@contextmanager
+def fold_lock(out: Path) -> Iterator[None]:
+    """One trainer per fold folder: a second process (a rerun while the first still runs) is refused."""
+    with open(out / ".train.lock", "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out} is being trained by another process; wait for it or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _fit_fold(cfg: Config, fold: int, split, callbacks: Sequence[Callback]) -> pd.DataFrame | None:
+    out = fold_dir(cfg, fold)
     pl.seed_everything(cfg.train.seed + fold, workers=True, verbose=False)
     model = MelanomaModel.from_configs(cfg.model, cfg.train, fold)
     resume = resume_checkpoint(out)
@@ -283,8 +308,9 @@ def check_same_training(cfg: Config) -> None:
         )
 
 
-def train_all(cfg: Config, folds_to_train: Sequence[int] | None = None) -> dict:
-    """Train the chosen folds (default all), then summarise every finished fold of the run."""
+def train_all(cfg: Config, folds_to_train: Sequence[int] | None = None, summary: bool = True) -> dict:
+    """Train the chosen folds (default all), then summarise every finished fold of the run
+    (`summary=False`: a fold process of a parallel run, whose parent summarises once)."""
     folds = read_folds(cfg)
     all_folds = sorted(int(f) for f in set(folds["fold"]) if f >= 0)
     chosen = list(folds_to_train) if folds_to_train else all_folds
@@ -293,7 +319,7 @@ def train_all(cfg: Config, folds_to_train: Sequence[int] | None = None) -> dict:
         raise UserError(f"fold(s) {unknown} not in {cfg.folds.output} (folds: {all_folds})")
     check_same_training(cfg)
     results = [train_fold(cfg, fold, folds) for fold in chosen]
-    if any(r is None for r in results):  # a DDP rank other than 0: rank 0 summarises
+    if not summary or any(r is None for r in results):  # rank 0 / the parent summarises
         return {}
     done = [f for f in all_folds if (fold_dir(cfg, f) / "oof.csv").is_file()]
     pending = sorted(set(all_folds) - set(done))

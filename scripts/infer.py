@@ -2,11 +2,11 @@
 
 from pipeline.cli import run
 from pipeline.infer import infer_models, run_infer
-from pipeline.parallel import infer_parallel
+from pipeline.parallel import gpu_id, infer_parallel
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--gpus", nargs="+", help="shard the fold models over these GPU ids")
+    parser.add_argument("--gpus", nargs="+", type=gpu_id, help="shard the fold models over these GPU ids")
     parser.add_argument("--shard", action="store_true",
                         help="only this process's fold models (infer.folds): no table, no ensemble")
 

@@ -41,3 +41,11 @@ def test_two_process_validation_equals_one_process_row_for_row(tmp_path):
     single = train_all(load_config(None, overrides + ["train.epochs=3", f"runs_dir={tmp_path}/single"]), [0])
     ddp_cv = json.loads((cfg.run_dir / "cv.json").read_text())
     assert set(ddp_cv) == set(single) and ddp_cv["n_images"] == single["n_images"] == len(valid)
+    # an unreadable validation image, skipped: the ranks then hold different row counts
+    skipped = valid["image_path"].iloc[3]
+    Path(skipped).write_bytes(Path(skipped).read_bytes()[:200])
+    run = subprocess.run([sys.executable, script, "validate", *ddp, "data.skip_bad_images=true"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    gathered = pd.read_csv(Path(cfg.runs_dir) / "ddp_val.csv")
+    assert sorted(gathered["index"]) == [i for i in range(len(valid)) if i != 3]

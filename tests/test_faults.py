@@ -277,7 +277,7 @@ def test_a_failed_start_does_not_block_the_corrected_run(tmp_path):
     with pytest.raises(UserError, match="no_such_net"):
         train_all(bad, [0])
     assert not (bad.run_dir / "config.yaml").exists()  # nothing was trained: nothing written
-    (bad.run_dir / "config.yaml").parent.mkdir(parents=True)
+    bad.run_dir.mkdir(parents=True, exist_ok=True)
     from pipeline.config import save_config
     save_config(bad, bad.run_dir)  # a config left by an older version with nothing trained
     good = load_config(None, overrides + ["train.epochs=1"])

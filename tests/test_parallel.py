@@ -21,7 +21,7 @@ def test_two_folds_at_once_then_one_summary(tmp_path):
     spans = {}
     for fold in (0, 1):
         out = fold_dir(cfg, fold)
-        assert (out / "oof.csv").is_file() and "fold" in (out / "train.log").read_text()
+        assert (out / "oof.csv").is_file() and (out / "train.log").is_file()
         spans[fold] = ((out / "config.yaml").stat().st_mtime, (out / "oof.csv").stat().st_mtime)
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # the two fits overlapped
     assert sorted(summary["folds"]) == [0, 1]
@@ -49,7 +49,7 @@ def test_slurm_array_over_the_pending_folds(tmp_path):
     from pipeline.slurm import write_slurm
     from pipeline.train import resume_checkpoint
     folds, overrides = make_tiny_set(tmp_path)
-    cfg = load_config(None, overrides + ["slurm.partition=gpu", "slurm.time=12:00:00",
+    cfg = load_config(None, overrides + ["slurm.partition=gpu", "slurm.time='12:00:00'",
                                          "slurm.cpus_per_task=6"])
     (fold_dir(cfg, 1)).mkdir(parents=True)
     (fold_dir(cfg, 1) / "oof.csv").write_text("finished\n")  # fold 1 is done: not in the array
@@ -59,7 +59,9 @@ def test_slurm_array_over_the_pending_folds(tmp_path):
                  "#SBATCH --time=12:00:00", "#SBATCH --cpus-per-task=6", "#SBATCH --requeue",
                  "#SBATCH --signal=SIGUSR1@120"):
         assert line in train.splitlines(), line
-    assert "scripts/train.py --config configs/x.yaml train.epochs=3 --folds $SLURM_ARRAY_TASK_ID" in train
+    assert ("scripts/train.py --config configs/x.yaml train.epochs=3 --folds $SLURM_ARRAY_TASK_ID "
+            "--no-summary") in train
+    assert "#SBATCH --open-mode=append" in train.splitlines()
     summary = (submit.parent / "summary.sbatch").read_text()
     assert "--summary-only" in summary and "--gpus-per-task" not in summary
     assert "sbatch --dependency=afterok:${array%%;*} summary.sbatch" in submit.read_text()
@@ -67,11 +69,19 @@ def test_slurm_array_over_the_pending_folds(tmp_path):
     out = fold_dir(cfg, 0)
     out.mkdir(parents=True)
     (out / "last.ckpt").write_bytes(b"a")
-    time.sleep(0.01)
     (out / "hpc_ckpt_1.ckpt").write_bytes(b"b")
+    now = time.time()
+    os.utime(out / "last.ckpt", (now - 60, now - 60))
     assert resume_checkpoint(out).name == "hpc_ckpt_1.ckpt"
-    os.utime(out / "last.ckpt")
+    os.utime(out / "last.ckpt", (now + 60, now + 60))
     assert resume_checkpoint(out).name == "last.ckpt"
+    bare = load_config(None, overrides + ["slurm.time=12:00:00"])  # unquoted: YAML's 43200
+    with pytest.raises(UserError, match="slurm.time=43200 is a bare number"):
+        write_slurm(bare, None, [])
+    for fold in (0, 2):
+        fold_dir(cfg, fold).mkdir(parents=True, exist_ok=True)
+        (fold_dir(cfg, fold) / "oof.csv").write_text("finished\n")
+    assert write_slurm(cfg, None, []) is None  # nothing left to train: nothing written
 
 
 def test_summary_only_needs_a_finished_fold(tmp_path):
@@ -106,3 +116,13 @@ def test_inference_sharded_over_two_slots_then_one_ensemble(tmp_path):
     oof = pd.read_csv(cfg.run_dir / "oof_tta.csv")
     assert sorted(oof["image_name"]) == sorted(folds["image_name"])  # every fold's OOF, once
     assert (cfg.run_dir / "infer_shard0.log").is_file() and (cfg.run_dir / "infer_shard1.log").is_file()
+
+
+def test_a_fold_being_trained_is_not_trained_twice(tmp_path):
+    from pipeline.train import fold_lock, train_fold
+    folds, overrides = make_tiny_set(tmp_path)
+    cfg = load_config(None, overrides + ["train.epochs=1"])
+    out = fold_dir(cfg, 0)
+    out.mkdir(parents=True)
+    with fold_lock(out), pytest.raises(UserError, match="is being trained by another process"):
+        train_fold(cfg, 0, folds)
