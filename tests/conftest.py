@@ -58,3 +58,14 @@ def make_tiny_set(root: Path, n_patients: int = 12, per_patient: int = 4, size: 
         "infer.batch_size=16", "train.progress_bar=false",
     ]
     return folds, overrides
+
+
+def tiny_test_set(root: Path, folds) -> list[str]:
+    """Every third image of the tiny set as a test set, with its sample submission; returns the
+    overrides that read them and send submissions to root/subs."""
+    test = folds[["image_name"]].iloc[::3]
+    test.to_csv(root / "test.csv", index=False)
+    test.assign(target=0).to_csv(root / "sample.csv", index=False)
+    return [f"data.test_csv={root}/test.csv", f"data.test_images={root}/jpeg",
+            f"data.sample_submission={root}/sample.csv", f"infer.submissions_dir={root}/subs",
+            f"ensemble.output={root}/subs/ensemble.csv"]

@@ -21,7 +21,7 @@ from pipeline.model import load_model
 from pipeline.submissions import append_manifest, read_manifest, write_numbered
 from pipeline.submit import check_submission
 from pipeline.train import fold_dir, train_all
-from tests.conftest import REPO, make_tiny_set
+from tests.conftest import REPO, make_tiny_set, tiny_test_set
 
 ROW = {"n": 1, "file": "submission1.csv", "experiment": "e", "fold": 0, "view": "identity"}
 
@@ -141,13 +141,7 @@ def test_outputs_get_the_umask_permissions(tmp_path):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     folds, overrides = make_tiny_set(root)
-    test = folds[["image_name"]].iloc[::3]
-    test.to_csv(root / "test.csv", index=False)
-    test.assign(target=0).to_csv(root / "sample.csv", index=False)
-    overrides += [f"data.test_csv={root}/test.csv", f"data.test_images={root}/jpeg",
-                  f"data.sample_submission={root}/sample.csv", f"infer.submissions_dir={root}/subs",
-                  f"ensemble.output={root}/subs/ensemble.csv", "train.epochs=1", "infer.views=[identity]",
-                  "infer.oof_tta=false"]
+    overrides += tiny_test_set(root, folds) + ["train.epochs=1", "infer.views=[identity]", "infer.oof_tta=false"]
     cfg = load_config(None, overrides)
     train_all(cfg)
     run_infer(cfg)

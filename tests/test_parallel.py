@@ -9,7 +9,7 @@ from pipeline.cli import UserError
 from pipeline.config import load_config
 from pipeline.parallel import train_parallel
 from pipeline.train import fold_dir
-from tests.conftest import make_tiny_set
+from tests.conftest import make_tiny_set, tiny_test_set
 
 
 @pytest.mark.timeout(600)
@@ -98,13 +98,8 @@ def test_inference_sharded_over_two_slots_then_one_ensemble(tmp_path):
     from pipeline.submit import check_submission
     from pipeline.train import train_all
     folds, overrides = make_tiny_set(tmp_path)
-    test = folds[["image_name"]].iloc[::3]
-    test.to_csv(tmp_path / "test.csv", index=False)
-    test.assign(target=0).to_csv(tmp_path / "sample.csv", index=False)
-    overrides += [f"data.test_csv={tmp_path}/test.csv", f"data.test_images={tmp_path}/jpeg",
-                  f"data.sample_submission={tmp_path}/sample.csv", f"infer.submissions_dir={tmp_path}/subs",
-                  f"ensemble.output={tmp_path}/subs/ensemble.csv", "train.epochs=1",
-                  "infer.views=[identity,hflip]", "train.progress_bar=false"]
+    overrides += tiny_test_set(tmp_path, folds) + [
+        "train.epochs=1", "infer.views=[identity,hflip]", "train.progress_bar=false"]
     cfg = load_config(None, overrides)
     train_all(cfg)
     output = infer_parallel(cfg, None, overrides, ["", ""], poll_s=0.2)
