@@ -230,14 +230,15 @@ def decode_min_side(data: DataConfig) -> int | None:
 
 
 def dataset_from_frame(df: pd.DataFrame, data: DataConfig, transform: A.Compose,
-                       model: ModelConfig | None = None, where: str = "table") -> ImageDataset:
+                       model: ModelConfig | None = None, where: str = "table",
+                       with_labels: bool = False) -> ImageDataset:
     """A dataset over a table's `image_path` (and `target`, `source` where present); the metadata
-    and diagnosis labels when `model` uses them."""
+    when `model` uses it, and with `with_labels` (a loss is computed) the diagnosis labels."""
     model = model or ModelConfig()
     targets = df["target"].to_numpy() if "target" in df else None
     is_2020 = (df["source"] == COMPETITION_SOURCE).to_numpy() if "source" in df else None
     labels = None
-    if model.target == "diagnosis" and targets is not None:
+    if with_labels and model.target == "diagnosis" and targets is not None:
         if "diagnosis" not in df:
             raise UserError(f"{where}: model.target=diagnosis needs a 'diagnosis' column; "
                             f"found {list(df.columns)}")
@@ -277,10 +278,11 @@ class FoldDataModule(pl.LightningDataModule):
         d = self.cfg.data
         transform = train_transform(d, self.cfg.train.aug)
         seed_transform(transform, self.seed)  # loader workers reseed theirs (seed_worker)
-        ds = dataset_from_frame(self.split.train, d, transform, self.cfg.model, "training rows")
+        ds = dataset_from_frame(self.split.train, d, transform, self.cfg.model, "training rows", True)
         return make_loader(ds, d.batch_size, d.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        ds = dataset_from_frame(self.split.valid, d, eval_transform(d), self.cfg.model, "validation rows")
+        ds = dataset_from_frame(self.split.valid, d, eval_transform(d), self.cfg.model, "validation rows",
+                                True)
         return make_loader(ds, d.batch_size, d.num_workers, train=False)

@@ -46,17 +46,26 @@ def load_competition(data: DataConfig) -> pd.DataFrame:
     path = data.train_csv
     df = read_csv(path, [c.image, c.patient, c.target])
     check_unique(df, c.image, path)
+    return image_table(df, df[c.image], df[c.patient], COMPETITION_SOURCE, data.train_images, data, path)
+
+
+def image_table(df: pd.DataFrame, names: pd.Series, groups: pd.Series, source, images: str,
+                data: DataConfig, path: str) -> pd.DataFrame:
+    """A training CSV's rows in the merged layout: the group of each image (missing: the image
+    alone, and its grouping unknown), its target, and the metadata columns the file has."""
+    c = data.columns
+    known = groups.notna() & (groups.astype("string").str.strip() != "")
     return pd.DataFrame({
-        "image_name": df[c.image],
-        "patient_id": fill_patients(df[c.patient], df[c.image], path),
+        "image_name": names,
+        "patient_id": fill_patients(groups, names, path),
         "target": check_binary(df, c.target, path),
-        "source": COMPETITION_SOURCE,
+        "source": source,
         "sex": optional_column(df, c.sex, path),
         "age_approx": pd.to_numeric(optional_column(df, c.age, path), errors="coerce"),
         "anatom_site": optional_column(df, c.site, path),
         "diagnosis": optional_column(df, c.diagnosis, path),
-        "image_path": image_paths(df[c.image], data.train_images, data.image_ext),
-        "group_known": df[c.patient].notna().to_numpy(),
+        "image_path": image_paths(names, images, data.image_ext),
+        "group_known": known.fillna(False).to_numpy(dtype=bool),
     })
 
 
@@ -140,6 +149,7 @@ def load_external(ext: ExternalConfig, c: ColumnsConfig, image_ext: str) -> pd.D
     diagnosis = _external_diagnosis(gt, c, gt_path)
     meta, meta_path = _metadata(ext, gt, c)
     table, table_path = _lesion_table(ext, meta, meta_path, c)
+    meta = meta.drop(columns=LISTED)  # an internal flag: not one of the file's columns
     groups, listed = lesion_groups(gt[c.ext_image], table, c.ext_lesion, ext.name, table_path)
     return pd.DataFrame({
         "image_name": gt[c.ext_image],
@@ -183,18 +193,8 @@ def load_merged(data: DataConfig) -> pd.DataFrame:
     patient = optional_column(df, m.patient, path).astype("string").str.strip()
     patient = patient.where(patient.notna() & (patient != ""), pd.NA)
     groups = patient.where(is_2020, "lesion:" + patient)  # external rows: lesion ids, not patients
-    out = pd.DataFrame({
-        "image_name": df[m.image],
-        "patient_id": fill_patients(groups, df[m.image], path),
-        "target": check_binary(df, c.target, path),
-        "source": np.where(is_2020, COMPETITION_SOURCE, df[m.source].astype(str)),
-        "sex": optional_column(df, c.sex, path),
-        "age_approx": pd.to_numeric(optional_column(df, c.age, path), errors="coerce"),
-        "anatom_site": optional_column(df, c.site, path),
-        "diagnosis": optional_column(df, c.diagnosis, path),
-        "image_path": image_paths(df[m.image], m.images, data.image_ext),
-        "group_known": patient.notna().to_numpy(),
-    })
+    sources = np.where(is_2020, COMPETITION_SOURCE, df[m.source].astype(str))
+    out = image_table(df, df[m.image], groups, sources, m.images, data, path)
     for source, part in out.groupby("source", sort=False):
         log.info("%s: %s: %d image(s), %d positive, %d with a patient or lesion id", path, source,
                  len(part), int(part["target"].sum()), int(part["group_known"].sum()))

@@ -151,6 +151,10 @@ def ensemble_section(cfg: Config) -> tuple[str, pd.Series | None]:
     text = (f"<h2>Ensemble</h2><p>{html.escape(str(output))}: {info['method']} of {len(members)} files; "
             f"{label} {auc} on {info.get('cv_auc_rows') or 'unknown'} rows</p>")
     present = [f for f in info["files"] if Path(f).is_file()]
+    absent = [Path(f).name for f in info["files"] if f not in present]
+    if absent:
+        text += (f'<p class="missing">{len(absent)} member file(s) no longer on disk, left out of the '
+                 f'correlation: {html.escape(", ".join(absent[:10]))}</p>')
     test = None
     if present:
         ids, preds = read_members(present)
