@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.config import AugConfig, Config, DataConfig, ModelConfig
 from pipeline.diagnosis import diagnosis_labels
-from pipeline.errors import UserError
+from pipeline.errors import BadImageError, UserError
+from pipeline.gpu_decode import read_image_bytes, read_jpeg_bytes
+from pipeline.gpu_loader import DeviceLoader, DeviceTransform, resolve_decode
 from pipeline.merge import COMPETITION_SOURCE
 from pipeline.metadata import encode_metadata
 
@@ -31,10 +33,6 @@ log = logging.getLogger(__name__)
 # start a pool the size of the machine (N x cores threads starving the process that feeds the
 # GPU), and changing the pool inside a forked worker deadlocks once the parent has used it.
 cv2.setNumThreads(1)
-
-
-class BadImageError(UserError):
-    """An image file is missing or cannot be decoded."""
 
 
 REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
@@ -75,14 +73,8 @@ def read_image(path: str, min_side: int | None = None) -> np.ndarray:
 
     With `min_side`, a JPEG much larger than needed is decoded at a reduced scale.
     """
-    try:
-        data = np.fromfile(path, np.uint8)
-    except OSError:
-        raise BadImageError(f"{path}: cannot read image (missing or unreadable)") from None
+    data = read_image_bytes(path)
     head = data[:65536].tobytes()
-    if head[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-32:].tobytes():
-        # OpenCV pads a truncated JPEG with grey and returns it without an error
-        raise BadImageError(f"{path}: truncated JPEG (no end-of-image marker): a partial copy?")
     image = cv2.imdecode(data, decode_flag(head, min_side)) if data.size else None
     if image is None:
         raise BadImageError(f"{path}: cannot decode image (corrupt or not an image)")
@@ -168,7 +160,8 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, paths, targets=None, is_2020=None, transform: A.Compose | None = None,
-                 skip_bad: bool = False, min_side: int | None = None, meta=None, labels=None):
+                 skip_bad: bool = False, min_side: int | None = None, meta=None, labels=None,
+                 jpeg_bytes: bool = False):
         self.paths = np.asarray(paths, dtype=np.bytes_)
         n = len(self.paths)
         self.targets = np.zeros(n, np.float32) if targets is None else np.asarray(targets, np.float32)
@@ -178,6 +171,7 @@ class ImageDataset(Dataset):
         self.min_side = min_side
         self.meta = None if meta is None else np.asarray(meta, np.float32)
         self.labels = None if labels is None else np.asarray(labels, np.int64)
+        self.jpeg_bytes = jpeg_bytes  # the GPU path: the file's bytes, decoded on the device
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -185,16 +179,19 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict | None:
         path = self.paths[i].decode()
         try:
-            image = read_image(path, self.min_side)
+            image = read_jpeg_bytes(path) if self.jpeg_bytes else read_image(path, self.min_side)
         except BadImageError:
             if not self.skip_bad:
                 raise
             log.warning("skipping unreadable image %s", path)
             return None
-        if self.transform is not None:
-            image = self.transform(image=image)["image"]
-        item = {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
+        if self.jpeg_bytes:
+            item = {"jpeg": torch.from_numpy(image), "path": path}
+        else:
+            if self.transform is not None:
+                image = self.transform(image=image)["image"]
+            item = {"image": torch.from_numpy(np.ascontiguousarray(image))}
+        item |= {
             "target": self.targets[i],
             "is_2020": self.is_2020[i],
             "index": i,
@@ -207,21 +204,29 @@ class ImageDataset(Dataset):
 
 
 def collate(items: list[dict | None]) -> dict:
-    """Default collation minus skipped images; `n_skipped` says how many were dropped."""
+    """Default collation minus skipped images; `n_skipped` says how many were dropped.
+    JPEG bytes (the GPU path) differ in length: they stay a list."""
     kept = [it for it in items if it is not None]
     if not kept:
         return {"image": torch.empty(0, dtype=torch.uint8), "n_skipped": len(items)}
+    jpegs = [it.pop("jpeg") for it in kept] if "jpeg" in kept[0] else None
     batch = default_collate(kept)
+    if jpegs is not None:
+        batch["jpeg"] = jpegs
     batch["n_skipped"] = len(items) - len(kept)
     return batch
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-        collate_fn=collate, worker_init_fn=seed_worker,
-    )
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool,
+                device_transform: DeviceTransform | None = None) -> DataLoader:
+    """The loader of a dataset; with `device_transform` (a bytes dataset, the GPU path) one whose
+    batches come out decoded and augmented on the transform's device."""
+    kwargs = dict(batch_size=batch_size, shuffle=train, drop_last=train, num_workers=num_workers,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                  collate_fn=collate, worker_init_fn=seed_worker)
+    if device_transform is None:
+        return DataLoader(dataset, **kwargs)
+    return DeviceLoader(dataset, device_transform=device_transform, **kwargs)
 
 
 def decode_min_side(data: DataConfig) -> int | None:
@@ -229,11 +234,12 @@ def decode_min_side(data: DataConfig) -> int | None:
     return data.image_size if data.reduced_decode else None
 
 
-def dataset_from_frame(df: pd.DataFrame, data: DataConfig, transform: A.Compose,
+def dataset_from_frame(df: pd.DataFrame, data: DataConfig, transform: A.Compose | None,
                        model: ModelConfig | None = None, where: str = "table",
-                       with_labels: bool = False) -> ImageDataset:
+                       with_labels: bool = False, jpeg_bytes: bool = False) -> ImageDataset:
     """A dataset over a table's `image_path` (and `target`, `source` where present); the metadata
-    when `model` uses it, and with `with_labels` (a loss is computed) the diagnosis labels."""
+    when `model` uses it, and with `with_labels` (a loss is computed) the diagnosis labels.
+    `jpeg_bytes`: items carry the file's bytes for the GPU path instead of a decoded image."""
     model = model or ModelConfig()
     targets = df["target"].to_numpy() if "target" in df else None
     is_2020 = (df["source"] == COMPETITION_SOURCE).to_numpy() if "source" in df else None
@@ -245,7 +251,30 @@ def dataset_from_frame(df: pd.DataFrame, data: DataConfig, transform: A.Compose,
         labels = diagnosis_labels(df["diagnosis"], df["target"], where)
     return ImageDataset(df["image_path"].to_numpy(), targets, is_2020, transform,
                         data.skip_bad_images, decode_min_side(data),
-                        encode_metadata(df) if model.metadata else None, labels)
+                        encode_metadata(df) if model.metadata else None, labels, jpeg_bytes)
+
+
+def frame_loader(df: pd.DataFrame, data: DataConfig, device: torch.device | str, batch_size: int,
+                 aug: AugConfig | None = None, seed: int = 0, model: ModelConfig | None = None,
+                 where: str = "table", with_labels: bool = False, shuffle: bool = False,
+                 num_workers: int | None = None) -> DataLoader:
+    """The loader over a table's images for a model on `device`, by `data.decode`: decoded and
+    augmented in the loader workers (cpu), or bytes from the workers decoded and augmented on the
+    device (gpu). `aug` None: the evaluation resize; otherwise the training crop and augmentations,
+    their random stream seeded by `seed` (on the CPU path, one worker per seed stream: each loader
+    worker reseeds its copy)."""
+    workers = data.num_workers if num_workers is None else num_workers
+    if resolve_decode(data.decode, device) == "gpu":
+        ds = dataset_from_frame(df, data, None, model, where, with_labels, jpeg_bytes=True)
+        transform = DeviceTransform(data, device, aug, seed, decode_min_side(data))
+        return make_loader(ds, batch_size, workers, shuffle, transform)
+    if aug is None:
+        transform = eval_transform(data)
+    else:
+        transform = train_transform(data, aug)
+        seed_transform(transform, seed)
+    ds = dataset_from_frame(df, data, transform, model, where, with_labels)
+    return make_loader(ds, batch_size, workers, shuffle)
 
 
 @dataclass
@@ -274,15 +303,15 @@ class FoldDataModule(pl.LightningDataModule):
         self.split = split
         self.seed = seed
 
+    def device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+
     def train_dataloader(self) -> DataLoader:
-        d = self.cfg.data
-        transform = train_transform(d, self.cfg.train.aug)
-        seed_transform(transform, self.seed)  # loader workers reseed theirs (seed_worker)
-        ds = dataset_from_frame(self.split.train, d, transform, self.cfg.model, "training rows", True)
-        return make_loader(ds, d.batch_size, d.num_workers, train=True)
+        d = self.cfg.data  # CPU path: loader workers reseed their augmentations (seed_worker)
+        return frame_loader(self.split.train, d, self.device(), d.batch_size, self.cfg.train.aug,
+                            self.seed, self.cfg.model, "training rows", True, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        ds = dataset_from_frame(self.split.valid, d, eval_transform(d), self.cfg.model, "validation rows",
-                                True)
-        return make_loader(ds, d.batch_size, d.num_workers, train=False)
+        return frame_loader(self.split.valid, d, self.device(), d.batch_size, None, 0, self.cfg.model,
+                            "validation rows", True)

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user (a file, a row, a setting): reported in one line, no traceback."""
+
+
+class BadImageError(UserError):
+    """An image file is missing or cannot be decoded."""

@@ -19,19 +19,14 @@ from scipy.special import expit
 
 from pipeline.atomic import atomic_write_csv, atomic_write_text
 from pipeline.config import Config, config_hash, load_config, save_config
-from pipeline.data import (
-    dataset_from_frame,
-    eval_transform,
-    make_loader,
-    seed_transform,
-    train_transform,
-)
+from pipeline.data import frame_loader
 from pipeline.ensemble import run_ensemble
 from pipeline.errors import UserError
+from pipeline.gpu_loader import resolve_decode
 from pipeline.merge import load_test
 from pipeline.metrics import safe_auc
 from pipeline.model import MelanomaModel, load_model
-from pipeline.predict import predict_logits
+from pipeline.predict import default_device, predict_logits
 from pipeline.provenance import git_commit
 from pipeline.submissions import append_manifest, write_numbered
 from pipeline.submit import check_ids
@@ -120,19 +115,22 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
     out = np.full((len(models), len(passes), len(frame)), np.nan, np.float32)
     batch, workers = cfg.infer.batch_size, cfg.data.num_workers  # image settings: trained
     nets = [m.model for m in models]
+    device = default_device()
     if views:
-        ds = dataset_from_frame(frame, trained.data, eval_transform(trained.data), trained.model, desc)
-        index, logits = predict_logits(nets, make_loader(ds, batch, workers, False), views, desc=desc,
+        loader = frame_loader(frame, trained.data, device, batch, model=trained.model, where=desc,
+                              num_workers=workers)
+        index, logits = predict_logits(nets, loader, views, device, desc=desc,
                                        max_forward_batch=cfg.infer.max_forward_batch,
                                        progress=cfg.train.progress_bar)
         out[:, : len(views), index] = logits
+    gpu = resolve_decode(trained.data.decode, device) == "gpu"
     for p, (_, seed) in enumerate(passes[len(views):], start=len(views)):
-        transform = train_transform(trained.data, trained.train.aug)
-        seed_transform(transform, seed)
-        ds = dataset_from_frame(frame, trained.data, transform, trained.model, desc)
-        # one process: the seeded augmentation stream is then reproducible
-        index, logits = predict_logits(nets, make_loader(ds, batch, 0, False), ["identity"],
-                                       desc=f"{desc} seed {seed}", progress=cfg.train.progress_bar)
+        # the GPU path draws augmentations in the main process: any worker count is reproducible;
+        # the CPU path draws them in the workers, so one process keeps the seeded stream
+        loader = frame_loader(frame, trained.data, device, batch, trained.train.aug, seed, trained.model,
+                              desc, num_workers=workers if gpu else 0)
+        index, logits = predict_logits(nets, loader, ["identity"], device, desc=f"{desc} seed {seed}",
+                                       progress=cfg.train.progress_bar)
         out[:, p, index] = logits[:, 0]
     return out
 

@@ -34,17 +34,11 @@ from pipeline.config import (
     load_config,
     save_config,
 )
-from pipeline.data import (
-    FoldDataModule,
-    dataset_from_frame,
-    eval_transform,
-    make_loader,
-    split_fold,
-)
+from pipeline.data import FoldDataModule, frame_loader, split_fold
 from pipeline.errors import UserError
 from pipeline.metrics import cv_summary
 from pipeline.model import MONITORS, MelanomaModel, load_model, read_checkpoint
-from pipeline.predict import predict_logits
+from pipeline.predict import default_device, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +135,8 @@ def build_trainer(cfg: Config, out: Path, callbacks: Sequence[Callback] = ()) ->
 def predict_oof(cfg: Config, valid: pd.DataFrame, checkpoint: Path, fold: int) -> pd.DataFrame:
     """Predictions of `checkpoint` on its fold's validation images, one row per image."""
     model = load_model(str(checkpoint), cfg.model)
-    ds = dataset_from_frame(valid, cfg.data, eval_transform(cfg.data), cfg.model, f"fold {fold} validation")
-    loader = make_loader(ds, cfg.infer.batch_size, cfg.data.num_workers, train=False)
+    loader = frame_loader(valid, cfg.data, default_device(), cfg.infer.batch_size, model=cfg.model,
+                          where=f"fold {fold} validation")
     index, logits = predict_logits([model], loader, ["identity"], desc=f"oof fold {fold}",
                                    progress=cfg.train.progress_bar)
     pred = np.full(len(valid), np.nan)

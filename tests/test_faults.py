@@ -251,7 +251,7 @@ def test_an_error_from_a_loader_worker_is_reported_by_its_own_message():
     from pipeline.data import BadImageError
     wrapped = BadImageError("Caught BadImageError in DataLoader worker process 0.\n"
                             "Original Traceback (most recent call last):\n  File ...\n"
-                            "pipeline.data.BadImageError: /data/x.jpg: truncated JPEG\n")
+                            "pipeline.errors.BadImageError: /data/x.jpg: truncated JPEG\n")
     assert user_message(wrapped) == "/data/x.jpg: truncated JPEG"
     assert user_message(UserError("plain")) == "plain"
 

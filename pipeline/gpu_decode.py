@@ -1,0 +1,112 @@
+"""JPEG bytes to same-size uint8 image batches on a device: nvJPEG on CUDA, libjpeg on the CPU.
+
+The GPU data path's first half. Loader workers only read file bytes (`read_jpeg_bytes`); the
+process that owns the device decodes a whole batch at once (`decode_jpegs`), shrinks big images
+by whole factors with an area average (what the CPU path's reduced-scale libjpeg decode does),
+and resizes them to one size (`resize_to`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipeline.errors import BadImageError
+
+log = logging.getLogger(__name__)
+
+REDUCE_FACTORS = (8, 4, 2)
+
+
+def read_image_bytes(path: str) -> np.ndarray:
+    """A file's bytes as uint8, naming the file when it is missing or a truncated JPEG."""
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError:
+        raise BadImageError(f"{path}: cannot read image (missing or unreadable)") from None
+    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-32:].tobytes():
+        # decoders pad a truncated JPEG with grey and return it without an error
+        raise BadImageError(f"{path}: truncated JPEG (no end-of-image marker): a partial copy?")
+    return data
+
+
+def read_jpeg_bytes(path: str) -> np.ndarray:
+    """`read_image_bytes` for the GPU path, which decodes JPEG only."""
+    data = read_image_bytes(path)
+    if data[:2].tobytes() != b"\xff\xd8":
+        raise BadImageError(f"{path}: not a JPEG (data.decode=gpu decodes JPEG only; "
+                            "use data.decode=cpu for other formats)")
+    return data
+
+
+def reduce_factor(height: int, width: int, min_side: int | None) -> int:
+    """The largest of 8, 4, 2 that keeps the short side >= `min_side` (1: no reduction)."""
+    if min_side:
+        for factor in REDUCE_FACTORS:
+            if min(height, width) // factor >= min_side:
+                return factor
+    return 1
+
+
+def reduce(image: Tensor, min_side: int | None) -> Tensor:
+    """(C, H, W) uint8 shrunk by `reduce_factor` with an area average, as uint8."""
+    factor = reduce_factor(image.shape[-2], image.shape[-1], min_side)
+    if factor == 1:
+        return image
+    pooled = F.avg_pool2d(image[None].float(), factor, ceil_mode=True)[0]
+    return pooled.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _decode(data: list[Tensor], device: torch.device) -> list[Tensor]:
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return out if isinstance(out, list) else [out]
+
+
+def decode_jpegs(data: Sequence[Tensor], paths: Sequence[str], device: torch.device | str,
+                 min_side: int | None = None, skip_bad: bool = False) -> list[Tensor | None]:
+    """Decode a batch of JPEG byte tensors (on the CPU) to (3, H, W) uint8 images on `device`.
+
+    All at once (nvJPEG batches on CUDA); if that fails, one at a time to name the bad file:
+    a `BadImageError` naming it, or with `skip_bad` a None in its place and a warning.
+    """
+    device = torch.device(device)
+    try:
+        images: list[Tensor | None] = list(_decode(list(data), device))
+    except RuntimeError:
+        images = []
+        for tensor, path in zip(data, paths, strict=True):
+            try:
+                images.append(_decode([tensor], device)[0])
+            except RuntimeError as err:
+                if not skip_bad:
+                    raise BadImageError(f"{path}: cannot decode image (corrupt JPEG: {err})") from None
+                log.warning("skipping unreadable image %s", path)
+                images.append(None)
+    return [None if im is None else reduce(im, min_side) for im in images]
+
+
+def resize_to(images: Sequence[Tensor], height: int, width: int) -> Tensor:
+    """(3, h, w) uint8 images of any sizes -> one (B, 3, height, width) float batch in 0..255.
+
+    Bilinear on pixel centres, as cv2.INTER_LINEAR (the CPU path's resize); images of one shape
+    are resized together.
+    """
+    out = torch.empty((len(images), 3, height, width), device=images[0].device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape[-2:]), []).append(i)
+    for shape, idx in groups.items():
+        stack = torch.stack([images[i] for i in idx]).float()
+        if shape != (height, width):
+            stack = F.interpolate(stack, size=(height, width), mode="bilinear", align_corners=False)
+        out[idx] = stack
+    return out
