@@ -1,11 +1,16 @@
 """`make bench`: speed figures measured side by side in one run, printed as ratios.
 
+Each data path of `bench.paths` (cpu: decode + augment in the loader workers; gpu: workers
+read bytes, the device decodes and augments) is measured on the same files and model:
 - training images/s: the Lightning fold trainer vs a plain PyTorch AMP loop (same model,
-  loader, batches, optimizer, schedule and precision), alternated `repeats` times;
-- the loader alone (decode + augment) vs plain cv2 decoding of the same files;
-- the model-bound rate (uint8 tensors already on the device) and end-to-end / model-bound;
+  loader, batches, optimizer, schedule and precision), alternated `repeats` times, with the
+  machine's busy cores and the share of time the loop waits for a batch;
+- end to end / model-bound (uint8 tensors already on the device);
+- the data path alone (no model): images/s, and on CUDA the device memory it takes and whether
+  that grows over the batches;
 - TTA inference images/s with one view and with 8, next to the forward rate on device tensors;
-- the ensemble of 50 files x 11k rows, and folds on 60k rows.
+  with `bench.profile`, torch.profiler tables of an 8-view pass and of training steps.
+Plus the ensemble of 50 files x 11k rows, and folds on 60k rows.
 """
 
 from __future__ import annotations
@@ -14,8 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,17 +31,20 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from pipeline.atomic import atomic_write_text
-from pipeline.config import Config, FoldsConfig, SyntheticConfig
-from pipeline.data import (
-    ImageDataset,
-    decode_min_side,
-    eval_transform,
-    make_loader,
-    train_transform,
+from pipeline.bench_probes import (
+    WaitTimer,
+    busy_cores,
+    data_path_memory,
+    profile_table,
+    stopwatch,
+    sync,
 )
+from pipeline.config import Config, FoldsConfig, SyntheticConfig
+from pipeline.data import frame_loader
 from pipeline.ensemble import blend_by_model
 from pipeline.errors import UserError
 from pipeline.folds import make_folds
+from pipeline.gpu_loader import resolve_decode
 from pipeline.model import MelanomaModel
 from pipeline.predict import amp_dtype, default_device, predict_logits
 from pipeline.provenance import git_commit
@@ -46,22 +53,6 @@ from pipeline.train import build_trainer, resolve_precision
 from pipeline.tta import VIEWS
 
 log = logging.getLogger(__name__)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextmanager
-def stopwatch(device: torch.device) -> Iterator[list[float]]:
-    """Wall time of the block, with the device drained at both ends."""
-    out: list[float] = []
-    sync(device)
-    start = time.perf_counter()
-    yield out
-    sync(device)
-    out.append(time.perf_counter() - start)
 
 
 def bench_images(cfg: Config) -> np.ndarray:
@@ -82,16 +73,19 @@ def bench_images(cfg: Config) -> np.ndarray:
 def bench_cfg(cfg: Config) -> Config:
     """The experiment config with the benchmark's model and sizes."""
     b = cfg.bench
-    data = replace(cfg.data, image_size=b.crop_size, crop_size=b.crop_size, batch_size=b.batch_size,
-                   num_workers=b.num_workers)
+    data = replace(cfg.data, image_size=b.image_size or b.crop_size, crop_size=b.crop_size,
+                   batch_size=b.batch_size, num_workers=b.num_workers)
     model = replace(cfg.model, backbone=b.backbone, pretrained=False, weights_path=None)
     return replace(cfg, data=data, model=model)
 
 
-def train_dataset(cfg: Config, paths: np.ndarray) -> ImageDataset:
-    targets = np.arange(len(paths)) % 5 == 0
-    return ImageDataset(paths, targets, None, train_transform(cfg.data, cfg.train.aug),
-                        min_side=decode_min_side(cfg.data))
+def bench_loader(cfg: Config, paths: np.ndarray, device: torch.device, decode: str, train: bool,
+                 batch_size: int | None = None):
+    """The pipeline's own loader (`frame_loader`) over the bench images by one data path:
+    training crops and augmentations (shuffled), or the evaluation resize."""
+    frame = pd.DataFrame({"image_path": paths, "target": (np.arange(len(paths)) % 5 == 0).astype(float)})
+    return frame_loader(frame, replace(cfg.data, decode=decode), device, batch_size or cfg.data.batch_size,
+                        cfg.train.aug if train else None, seed=0, shuffle=train)
 
 
 class StepTimer(Callback):
@@ -112,18 +106,18 @@ class StepTimer(Callback):
             self.seconds = time.perf_counter() - self._start
 
 
-def lightning_rate(cfg: Config, paths: np.ndarray) -> float:
-    """Images/s of the fold trainer (checkpointing, loggers, progress bar and all)."""
+def lightning_rate(cfg: Config, paths: np.ndarray, device: torch.device, decode: str) -> dict:
+    """Images/s of the fold trainer (checkpointing, loggers, progress bar and all), and the
+    cores busy meanwhile (from the first batch to the end of the timed steps)."""
     b = cfg.bench
     run = replace(cfg, train=replace(cfg.train, epochs=1, limit_train_batches=b.train_steps,
                                      limit_val_batches=0))
     timer = StepTimer(b.warmup_steps, b.train_steps)
-    out = Path(b.work_dir) / "lightning"
-    trainer = build_trainer(run, out, [timer])
-    loader = make_loader(train_dataset(run, paths), b.batch_size, b.num_workers, train=True)
+    trainer = build_trainer(run, Path(b.work_dir) / "lightning", [timer])
     model = MelanomaModel.from_configs(run.model, run.train)
-    trainer.fit(model, train_dataloaders=loader)
-    return (b.train_steps - b.warmup_steps) * b.batch_size / timer.seconds
+    with busy_cores() as cores:
+        trainer.fit(model, train_dataloaders=bench_loader(run, paths, device, decode, train=True))
+    return {"img_s": (b.train_steps - b.warmup_steps) * b.batch_size / timer.seconds, **cores}
 
 
 class PlainLoop:
@@ -155,21 +149,24 @@ class PlainLoop:
         self.scheduler.step()
 
 
-def plain_rate(cfg: Config, paths: np.ndarray, device: torch.device) -> float:
-    """Images/s of the plain loop on the same loader and batches as the fold trainer."""
+def plain_rate(cfg: Config, paths: np.ndarray, device: torch.device, decode: str) -> dict:
+    """Images/s of the plain loop on the same loader and batches as the fold trainer, and the
+    share of the timed steps the loop sat waiting for the next batch."""
     b = cfg.bench
     loop = PlainLoop(cfg, device, b.train_steps)
-    loader = make_loader(train_dataset(cfg, paths), b.batch_size, b.num_workers, train=True)
-    start = 0.0
-    for i, batch in enumerate(loader):
+    batches = WaitTimer(bench_loader(cfg, paths, device, decode, train=True))
+    start, waited = 0.0, 0.0
+    for i, batch in enumerate(batches):
         if i == b.warmup_steps:
             sync(device)
-            start = time.perf_counter()
+            start, waited = time.perf_counter(), batches.waited
         loop.step(batch)
         if i == b.train_steps - 1:
             break
     sync(device)
-    return (b.train_steps - b.warmup_steps) * b.batch_size / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return {"img_s": (b.train_steps - b.warmup_steps) * b.batch_size / seconds,
+            "loader_wait_share": (batches.waited - waited) / seconds}
 
 
 def model_bound_rate(cfg: Config, device: torch.device) -> float:
@@ -193,32 +190,24 @@ def per_call(fn: Callable[[], object], warmup: int, calls: int, device: torch.de
     return t[0] / calls
 
 
-def loader_rates(cfg: Config, paths: np.ndarray) -> dict:
-    """Decode + augment through the loader vs a plain cv2 decode loop over the same files."""
-    b = cfg.bench
-    n = min(len(paths), b.batch_size * b.train_steps)
-    cpu = torch.device("cpu")
-    with stopwatch(cpu) as plain:
-        for p in paths[:n]:
+def cv2_rate(paths: np.ndarray) -> float:
+    """Plain cv2 decoding of the files in one process: the reference for the loaders."""
+    with stopwatch(torch.device("cpu")) as t:
+        for p in paths:
             cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    rates = {"cv2_decode_1proc": n / plain[0]}
-    for workers in sorted({0, b.num_workers}):
-        loader = make_loader(train_dataset(cfg, paths[:n]), b.batch_size, workers, train=False)
-        it = iter(loader)
-        next(it)  # workers started, first batch out
-        with stopwatch(cpu) as t:
-            count = sum(len(batch["target"]) for batch in it)
-        rates[f"loader_decode_augment_{workers}workers"] = count / t[0]
-    return rates
+    return len(paths) / t[0]
 
 
-def tta_rates(cfg: Config, paths: np.ndarray, device: torch.device) -> dict:
-    """TTA images/s end to end (1 view, 8 views) and the forward rate on device-resident tensors."""
+def data_path(cfg: Config, paths: np.ndarray, device: torch.device, decode: str) -> dict:
+    """The data path alone (no model): training batches/s through the loader, its busy cores and
+    (GPU path) the device memory it takes."""
     b = cfg.bench
-    model = MelanomaModel.from_configs(cfg.model, cfg.train).to(device).eval()
-    if device.type == "cuda":
-        model.net.to(memory_format=torch.channels_last)
-    batch = cfg.infer.batch_size
+    return data_path_memory(bench_loader(cfg, paths, device, decode, train=True), device, b.train_steps)
+
+
+def forward_rates(cfg: Config, model: MelanomaModel, device: torch.device) -> dict:
+    """The forward rate of each TTA view on uint8 batches already on the device."""
+    b, batch = cfg.bench, cfg.infer.batch_size
     images = torch.randint(0, 255, (batch, b.crop_size, b.crop_size, 3), dtype=torch.uint8).to(device)
     dtype = amp_dtype(device)
     rates = {}
@@ -228,17 +217,76 @@ def tta_rates(cfg: Config, paths: np.ndarray, device: torch.device) -> dict:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 model(view.forward(model.normalize(images)))
         rates[f"forward_{name}"] = batch / per_call(forward, 2, 5, device)
-    ds = ImageDataset(paths, None, None, eval_transform(cfg.data),
-                      min_side=decode_min_side(cfg.data))
-    loader = make_loader(ds, batch, b.num_workers, train=False)  # workers persist across passes
-    predict_logits([model], loader, ["identity"], device, desc="warm-up")
-    for label, views in (("tta_1view", ["identity"]), ("tta_8views", list(VIEWS))):
-        with stopwatch(device) as t:
-            predict_logits([model], loader, views, device, desc=label)
-        rates[label] = len(paths) / t[0]
-    rates["forward"] = rates["forward_identity"]
-    rates["tta_8views_vs_forward_over_8"] = rates["tta_8views"] / (rates["forward"] / 8)
     return rates
+
+
+def eval_model(cfg: Config, device: torch.device) -> MelanomaModel:
+    model = MelanomaModel.from_configs(cfg.model, cfg.train).to(device).eval()
+    if device.type == "cuda":
+        model.net.to(memory_format=torch.channels_last)
+    return model
+
+
+def tta_rates(cfg: Config, paths: np.ndarray, device: torch.device, decode: str,
+              model: MelanomaModel, forward: float) -> dict:
+    """TTA images/s end to end (1 view, 8 views) through one data path; with `bench.profile`,
+    where a pass of 8 views spends its time (profiler table in bench.work_dir)."""
+    b = cfg.bench
+    loader = bench_loader(cfg, paths, device, decode, train=False, batch_size=cfg.infer.batch_size)
+    predict_logits([model], loader, ["identity"], device, desc="warm-up")  # workers persist
+    rates = {}
+    for label, views in (("tta_1view", ["identity"]), ("tta_8views", list(VIEWS))):
+        batches = WaitTimer(loader)
+        with stopwatch(device) as t:
+            predict_logits([model], batches, views, device, desc=label)
+        rates[label] = len(paths) / t[0]
+        rates[f"{label}_loader_wait_share"] = batches.waited / t[0]
+    rates["tta_8views_vs_forward_over_8"] = rates["tta_8views"] / (forward / 8)
+    if b.profile:
+        table = Path(b.work_dir) / f"profile_tta8_{decode}.txt"
+        rates["profile_tta8"] = profile_table(
+            lambda: predict_logits([model], loader, list(VIEWS), device, desc="profile"), device, table)
+    return rates
+
+
+def train_profile(cfg: Config, paths: np.ndarray, device: torch.device, decode: str) -> dict:
+    """Profiler table of the plain loop's training steps through one data path."""
+    b = cfg.bench
+    loop = PlainLoop(cfg, device, b.train_steps)
+    loader = bench_loader(cfg, paths, device, decode, train=True)
+
+    def steps() -> None:
+        for i, batch in enumerate(loader):
+            loop.step(batch)
+            if i == b.train_steps - 1:
+                break
+
+    return profile_table(steps, device, Path(b.work_dir) / f"profile_train_{decode}.txt")
+
+
+def path_figures(cfg: Config, paths: np.ndarray, device: torch.device, decode: str,
+                 model_bound: float, model: MelanomaModel, forward: float) -> dict:
+    """Every figure of one data path (cpu | gpu), Lightning and the plain loop alternated."""
+    b = cfg.bench
+    light, plain = [], []
+    for _ in range(b.repeats):  # alternated, so drift in machine speed hits both alike
+        light.append(lightning_rate(cfg, paths, device, decode))
+        plain.append(plain_rate(cfg, paths, device, decode))
+    best_light = max(light, key=lambda r: r["img_s"])
+    best_plain = max(plain, key=lambda r: r["img_s"])
+    out = {
+        "train_lightning_img_s": best_light["img_s"], "train_plain_img_s": best_plain["img_s"],
+        "train_lightning_runs": [r["img_s"] for r in light], "train_plain_runs": [r["img_s"] for r in plain],
+        "train_busy_cores": best_light.get("busy_cores"),
+        "train_plain_loader_wait_share": best_plain["loader_wait_share"],
+    }
+    out["lightning_vs_plain"] = out["train_lightning_img_s"] / out["train_plain_img_s"]
+    out["end_to_end_vs_model_bound"] = out["train_lightning_img_s"] / model_bound
+    out["data_path"] = data_path(cfg, paths, device, decode)
+    out.update(tta_rates(cfg, paths, device, decode, model, forward))
+    if b.profile:
+        out["profile_train"] = train_profile(cfg, paths, device, decode)
+    return out
 
 
 def ensemble_seconds(cfg: Config) -> float:
@@ -280,52 +328,62 @@ def run_bench(cfg: Config) -> dict:
     if b.n_images < b.batch_size * b.train_steps:
         raise UserError(f"bench.n_images={b.n_images} gives fewer than bench.train_steps="
                         f"{b.train_steps} batches of {b.batch_size}: raise n_images")
+    for decode in b.paths:
+        resolve_decode(decode, device)  # an unknown path name fails before minutes of measuring
     paths = bench_images(cfg)
     pl.seed_everything(0, verbose=False)
-    light, plain = [], []
-    for _ in range(b.repeats):  # alternated, so drift in machine speed hits both alike
-        light.append(lightning_rate(cfg, paths))
-        plain.append(plain_rate(cfg, paths, device))
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "git_commit": git_commit(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "precision": resolve_precision(cfg.train.precision),
-        "bench": asdict(b),
-        "train_lightning_img_s": max(light), "train_plain_img_s": max(plain),
-        "train_lightning_runs": light, "train_plain_runs": plain,
+        "cpus": os.cpu_count(), "torch": torch.__version__,
+        "precision": resolve_precision(cfg.train.precision), "bench": asdict(b),
+        "model_bound_img_s": model_bound_rate(cfg, device),
+        "cv2_decode_1proc_img_s": cv2_rate(paths[: b.batch_size * b.train_steps]),
     }
-    result["lightning_vs_plain"] = result["train_lightning_img_s"] / result["train_plain_img_s"]
-    result["model_bound_img_s"] = model_bound_rate(cfg, device)
-    result["end_to_end_vs_model_bound"] = result["train_lightning_img_s"] / result["model_bound_img_s"]
-    result.update(loader_rates(cfg, paths))
-    result.update(tta_rates(cfg, paths, device))
+    model = eval_model(cfg, device)
+    result.update(forward_rates(cfg, model, device))
+    result["forward"] = result["forward_identity"]
+    result["paths"] = {decode: path_figures(cfg, paths, device, decode, result["model_bound_img_s"],
+                                            model, result["forward"]) for decode in b.paths}
     result["ensemble_50x11k_s"] = ensemble_seconds(cfg)
     result["folds_60k_s"] = folds_seconds(cfg)
     out = Path(b.work_dir) / "bench.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    log.info("benchmark (%s, %s, %s %dpx from %dpx JPEGs, batch %d):\n%s\nwritten to %s",
+    log.info("benchmark (%s, %s, %s %dpx from %dpx JPEGs, batch %d, %d workers):\n%s\nwritten to %s",
              result["device"], result["precision"], b.backbone, b.crop_size, b.jpeg_size,
-             b.batch_size, format_result(result), out)
+             b.batch_size, b.num_workers, format_result(result), out)
     return result
 
 
 def format_result(r: dict) -> str:
-    lines = [
-        f"train  Lightning fold trainer   {r['train_lightning_img_s']:9.1f} img/s",
-        f"train  plain PyTorch AMP loop   {r['train_plain_img_s']:9.1f} img/s   "
-        f"ratio {r['lightning_vs_plain']:.3f} (goal >= 0.97)",
-        f"train  model-bound (on device)  {r['model_bound_img_s']:9.1f} img/s   "
-        f"end-to-end / model-bound {r['end_to_end_vs_model_bound']:.3f} (goal >= 0.90 on GPU)",
-    ]
-    for k, v in r.items():
-        if k.startswith(("cv2_", "loader_")):
-            lines.append(f"data   {k:<30} {v:9.1f} img/s")
+    lines = [f"train  model-bound (uint8 on device)  {r['model_bound_img_s']:9.1f} img/s",
+             f"data   cv2 decode, 1 process          {r['cv2_decode_1proc_img_s']:9.1f} img/s"]
     for k in [k for k in r if k.startswith("forward_")]:
-        lines.append(f"infer  {k:<30} {r[k]:9.1f} img/s")
+        lines.append(f"infer  {k:<30}  {r[k]:9.1f} img/s")
+    for decode, p in r["paths"].items():
+        d = p["data_path"]
+        memory = (f", peak {d['peak_mib']:.0f} MiB, growth {d['growth_mib']:+.1f} MiB"
+                  if "peak_mib" in d else "")
+        cores = p["train_busy_cores"]
+        lines += [
+            f"[{decode} path]",
+            f"train  Lightning fold trainer      {p['train_lightning_img_s']:9.1f} img/s   "
+            f"end-to-end / model-bound {p['end_to_end_vs_model_bound']:.3f}"
+            + (f", {cores:.1f} cores busy" if cores is not None else ""),
+            f"train  plain PyTorch AMP loop      {p['train_plain_img_s']:9.1f} img/s   "
+            f"Lightning / plain {p['lightning_vs_plain']:.3f}; loader wait "
+            f"{p['train_plain_loader_wait_share']:.0%} of the plain loop",
+            f"data   loader alone (train batches) {d['img_s']:9.1f} img/s{memory}",
+            f"infer  TTA 1 view end to end       {p['tta_1view']:9.1f} img/s",
+            f"infer  TTA 8 views end to end      {p['tta_8views']:9.1f} img/s   "
+            f"vs forward/8 {p['tta_8views_vs_forward_over_8']:.3f}; loader wait "
+            f"{p['tta_8views_loader_wait_share']:.0%}",
+        ]
+        for name in ("profile_tta8", "profile_train"):
+            if name in p:
+                lines.append(f"prof   {name}: wall {p[name]['wall_s']:.2f} s, device kernels "
+                             f"{p[name]['device_kernel_s']:.2f} s -> {p[name]['table']}")
     lines += [
-        f"infer  TTA 1 view end to end       {r['tta_1view']:9.1f} img/s",
-        f"infer  TTA 8 views end to end      {r['tta_8views']:9.1f} img/s   "
-        f"vs forward/8: {r['tta_8views_vs_forward_over_8']:.3f} (goal >= 0.90)",
         f"ens    50 files x 11k rows (rank)  {r['ensemble_50x11k_s']:9.3f} s",
         f"folds  60k rows                    {r['folds_60k_s']:9.3f} s",
     ]

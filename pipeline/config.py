@@ -227,6 +227,7 @@ class BenchConfig:
 
     backbone: str = "efficientnet_b0"
     jpeg_size: int = 256
+    image_size: int | None = None  # the resize before the training crop (None: crop_size)
     crop_size: int = 128
     n_images: int = 256
     batch_size: int = 16
@@ -234,6 +235,8 @@ class BenchConfig:
     warmup_steps: int = 4
     num_workers: int = 2
     repeats: int = 3
+    paths: list[str] = field(default_factory=lambda: ["cpu", "gpu"])  # data paths side by side
+    profile: bool = False  # torch.profiler tables of 8-view TTA and training steps, per path
     ensemble_files: int = 50
     ensemble_rows: int = 11000
     folds_rows: int = 60000

@@ -32,3 +32,59 @@ def test_mixed_precision_fit_channels_last_and_tta_on_device(tmp_path):
                                    torch.device("cuda"))
     assert logits.shape == (1, 8, len(folds)) and np.isfinite(logits).all()
     assert sorted(index) == list(range(len(folds)))
+
+
+def real_jpegs() -> list[str]:
+    from tests.conftest import REAL
+    paths = sorted(str(p) for p in (REAL / "images").glob("*.jpg"))
+    if not paths:
+        pytest.skip(f"no real JPEGs under {REAL / 'images'}")
+    return paths
+
+
+def test_nvjpeg_decode_matches_the_cpu_decode_on_real_jpegs():
+    from pipeline.gpu_decode import decode_jpegs, read_jpeg_bytes
+    paths = real_jpegs()
+    data = [torch.from_numpy(read_jpeg_bytes(p)) for p in paths]
+    for min_side in (None, 200):  # full size, and 1/2 scale for the 512-px files
+        on_gpu = decode_jpegs(data, paths, "cuda", min_side)
+        on_cpu = decode_jpegs(data, paths, "cpu", min_side)
+        for path, g, c in zip(paths, on_gpu, on_cpu, strict=True):
+            assert g.is_cuda and g.shape == c.shape, path
+            assert (g.cpu().float() - c.float()).abs().mean() <= 2, path
+
+
+def test_gpu_loader_on_cuda_skips_a_bad_file_keeps_rows_aligned_and_does_not_grow(tmp_path):
+    import pandas as pd
+
+    from pipeline.config import AugConfig, DataConfig
+    from pipeline.data import frame_loader
+    paths = real_jpegs()[:20]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8" + bytes(range(256)) * 8 + b"\xff\xd9")
+    frame = pd.DataFrame({"image_path": [*paths[:7], str(bad), *paths[7:]], "target": 0.0})
+    frame["target"] = np.arange(len(frame), dtype=float)
+    data = DataConfig(decode="gpu", image_size=160, crop_size=128, num_workers=2, skip_bad_images=True)
+    loader = frame_loader(frame, data, "cuda", 8, AugConfig(), seed=3)
+    used = []
+    for _ in range(3):
+        rows, skipped = [], 0
+        for batch in loader:
+            assert batch["image"].is_cuda and batch["image"].dtype == torch.uint8
+            assert batch["image"].shape[1:] == (128, 128, 3)
+            assert len(batch["image"]) == len(batch["index"]) == len(batch["target"])
+            assert (batch["target"].numpy() == batch["index"].numpy()).all()  # still aligned
+            rows += batch["index"].tolist()
+            skipped += batch["n_skipped"]
+        torch.cuda.synchronize()
+        used.append(torch.cuda.memory_allocated())
+        assert skipped == 1 and sorted(rows) == [i for i in range(len(frame)) if i != 7]
+    assert used[2] == used[1]
+
+
+def test_training_on_the_gpu_data_path_finishes_with_finite_oof(tmp_path):
+    folds, overrides = make_tiny_set(tmp_path, n_patients=16, size=64)
+    cfg = load_config(None, overrides + ["train.epochs=1", "data.num_workers=2", "data.decode=gpu",
+                                         "train.precision=bf16-mixed"])
+    oof = train_fold(cfg, 0, folds)
+    assert oof["pred"].notna().all() and np.isfinite(oof["pred"]).all()
