@@ -229,9 +229,8 @@ def eval_model(cfg: Config, device: torch.device) -> MelanomaModel:
 
 def tta_rates(cfg: Config, paths: np.ndarray, device: torch.device, decode: str,
               model: MelanomaModel, forward: float) -> dict:
-    """TTA images/s end to end (1 view, 8 views) through one data path; with `bench.profile`,
-    where a pass of 8 views spends its time (profiler table in bench.work_dir)."""
-    b = cfg.bench
+    """TTA images/s end to end (1 view, 8 views) through one data path, and the share of the
+    time spent waiting for the loader."""
     loader = bench_loader(cfg, paths, device, decode, train=False, batch_size=cfg.infer.batch_size)
     predict_logits([model], loader, ["identity"], device, desc="warm-up")  # workers persist
     rates = {}
@@ -242,16 +241,19 @@ def tta_rates(cfg: Config, paths: np.ndarray, device: torch.device, decode: str,
         rates[label] = len(paths) / t[0]
         rates[f"{label}_loader_wait_share"] = batches.waited / t[0]
     rates["tta_8views_vs_forward_over_8"] = rates["tta_8views"] / (forward / 8)
-    if b.profile:
-        table = Path(b.work_dir) / f"profile_tta8_{decode}.txt"
-        rates["profile_tta8"] = profile_table(
-            lambda: predict_logits([model], loader, list(VIEWS), device, desc="profile"), device, table)
     return rates
 
 
-def train_profile(cfg: Config, paths: np.ndarray, device: torch.device, decode: str) -> dict:
-    """Profiler table of the plain loop's training steps through one data path."""
+def profiles(cfg: Config, paths: np.ndarray, device: torch.device, decode: str,
+             model: MelanomaModel) -> dict:
+    """torch.profiler tables (in bench.work_dir) of an 8-view TTA pass and of the plain loop's
+    training steps through one data path: where each spends its time."""
     b = cfg.bench
+    folder = Path(b.work_dir)
+    loader = bench_loader(cfg, paths, device, decode, train=False, batch_size=cfg.infer.batch_size)
+    predict_logits([model], loader, ["identity"], device, desc="warm-up")
+    out = {"tta8": profile_table(lambda: predict_logits([model], loader, list(VIEWS), device, desc="profile"),
+                                 device, folder / f"profile_tta8_{decode}.txt")}
     loop = PlainLoop(cfg, device, b.train_steps)
     loader = bench_loader(cfg, paths, device, decode, train=True)
 
@@ -261,7 +263,8 @@ def train_profile(cfg: Config, paths: np.ndarray, device: torch.device, decode: 
             if i == b.train_steps - 1:
                 break
 
-    return profile_table(steps, device, Path(b.work_dir) / f"profile_train_{decode}.txt")
+    out["train"] = profile_table(steps, device, folder / f"profile_train_{decode}.txt")
+    return out
 
 
 def path_figures(cfg: Config, paths: np.ndarray, device: torch.device, decode: str,
@@ -284,8 +287,6 @@ def path_figures(cfg: Config, paths: np.ndarray, device: torch.device, decode: s
     out["end_to_end_vs_model_bound"] = out["train_lightning_img_s"] / model_bound
     out["data_path"] = data_path(cfg, paths, device, decode)
     out.update(tta_rates(cfg, paths, device, decode, model, forward))
-    if b.profile:
-        out["profile_train"] = train_profile(cfg, paths, device, decode)
     return out
 
 
@@ -349,6 +350,9 @@ def run_bench(cfg: Config) -> dict:
     result["folds_60k_s"] = folds_seconds(cfg)
     out = Path(b.work_dir) / "bench.json"
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    if b.profile:  # last, the figures already written: profiling is slow and adds its own overhead
+        result["profiles"] = {decode: profiles(cfg, paths, device, decode, model) for decode in b.paths}
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     log.info("benchmark (%s, %s, %s %dpx from %dpx JPEGs, batch %d, %d workers):\n%s\nwritten to %s",
              result["device"], result["precision"], b.backbone, b.crop_size, b.jpeg_size,
              b.batch_size, b.num_workers, format_result(result), out)
@@ -379,10 +383,9 @@ def format_result(r: dict) -> str:
             f"vs forward/8 {p['tta_8views_vs_forward_over_8']:.3f}; loader wait "
             f"{p['tta_8views_loader_wait_share']:.0%}",
         ]
-        for name in ("profile_tta8", "profile_train"):
-            if name in p:
-                lines.append(f"prof   {name}: wall {p[name]['wall_s']:.2f} s, device kernels "
-                             f"{p[name]['device_kernel_s']:.2f} s -> {p[name]['table']}")
+        for name, prof in r.get("profiles", {}).get(decode, {}).items():
+            lines.append(f"prof   {name}: wall {prof['wall_s']:.2f} s, device kernels "
+                         f"{prof['device_kernel_s']:.2f} s -> {prof['table']}")
     lines += [
         f"ens    50 files x 11k rows (rank)  {r['ensemble_50x11k_s']:9.3f} s",
         f"folds  60k rows                    {r['folds_60k_s']:9.3f} s",

@@ -63,7 +63,7 @@ def flips(x: Tensor, hflip: Tensor, vflip: Tensor, transpose: Tensor) -> Tensor:
     """Left-right flip, top-bottom flip, then transpose, each where its (B,) mask says."""
     x = _where(hflip, x.flip(-1), x)
     x = _where(vflip, x.flip(-2), x)
-    return _where(transpose, x.transpose(-2, -1), x)
+    return _where(transpose, x.transpose(-2, -1), x) if transpose.any() else x  # H != W: none
 
 
 @dataclass
@@ -93,10 +93,12 @@ def affine(x: Tensor, p: AffineParams) -> Tensor:
         return x
     rad = torch.deg2rad(p.angle[idx])
     cos, sin, s = torch.cos(rad) / p.scale[idx], torch.sin(rad) / p.scale[idx], p.shift[idx]
-    # grid coordinates are in [-1, 1]: a shift of f x side is 2f there; y grows downwards
+    # grid coordinates are in [-1, 1] on each axis: a shift of f x side is 2f there; y grows
+    # downwards; the rotation's cross terms carry the aspect ratio (a rotation in pixels)
+    r = x.shape[-2] / x.shape[-1]
     theta = torch.stack([
-        torch.stack([cos, -sin, -(cos * s[:, 0] - sin * s[:, 1]) * 2], 1),
-        torch.stack([sin, cos, -(sin * s[:, 0] + cos * s[:, 1]) * 2], 1),
+        torch.stack([cos, -sin * r, -(cos * s[:, 0] - sin * r * s[:, 1]) * 2], 1),
+        torch.stack([sin / r, cos, -(sin / r * s[:, 0] + cos * s[:, 1]) * 2], 1),
     ], 1).to(x.device, x.dtype)
     sel = idx.to(x.device)
     part = x[sel]

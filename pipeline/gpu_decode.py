@@ -56,12 +56,29 @@ def reduce_factor(height: int, width: int, min_side: int | None) -> int:
 
 
 def reduce(image: Tensor, min_side: int | None) -> Tensor:
-    """(C, H, W) uint8 shrunk by `reduce_factor` with an area average, as uint8."""
+    """(C, H, W) or (B, C, H, W) uint8 shrunk by `reduce_factor` with an area average, as uint8."""
     factor = reduce_factor(image.shape[-2], image.shape[-1], min_side)
     if factor == 1:
         return image
-    pooled = F.avg_pool2d(image[None].float(), factor, ceil_mode=True)[0]
-    return pooled.round_().clamp_(0, 255).to(torch.uint8)
+    batch = image if image.ndim == 4 else image[None]
+    pooled = F.avg_pool2d(batch.float(), factor, ceil_mode=True).round_().clamp_(0, 255).to(torch.uint8)
+    return pooled if image.ndim == 4 else pooled[0]
+
+
+def reduce_all(images: list[Tensor | None], min_side: int | None) -> list[Tensor | None]:
+    """`reduce` on each image; images of one shape go through together (a few kernels a batch,
+    not a few per image)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        if im is not None:
+            groups.setdefault(tuple(im.shape), []).append(i)
+    out = list(images)
+    for shape, idx in groups.items():
+        if reduce_factor(shape[-2], shape[-1], min_side) == 1:
+            continue
+        for i, im in zip(idx, reduce(torch.stack([images[i] for i in idx]), min_side).unbind(), strict=True):
+            out[i] = im
+    return out
 
 
 def _decode(data: list[Tensor], device: torch.device) -> list[Tensor]:
@@ -91,7 +108,7 @@ def decode_jpegs(data: Sequence[Tensor], paths: Sequence[str], device: torch.dev
                     raise BadImageError(f"{path}: cannot decode image (corrupt JPEG: {err})") from None
                 log.warning("skipping unreadable image %s", path)
                 images.append(None)
-    return [None if im is None else reduce(im, min_side) for im in images]
+    return reduce_all(images, min_side)
 
 
 def resize_to(images: Sequence[Tensor], height: int, width: int) -> Tensor:

@@ -45,6 +45,8 @@ class DeviceTransform:
     def __init__(self, data: DataConfig, device: torch.device | str, aug: AugConfig | None = None,
                  seed: int = 0, min_side: int | None = None):
         self.data, self.aug, self.device = data, aug, torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())  # set_device needs one
         self.min_side = min_side
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -62,6 +64,9 @@ class DeviceTransform:
         return d.crop_size if self.aug is None and d.eval_resize == "full" else d.image_size
 
     def __call__(self, batch: dict) -> dict:
+        if "jpeg" not in batch:  # every file of the batch was unreadable and skipped in the loader
+            batch["image"] = batch["image"].to(self.device)
+            return batch
         jpegs, paths = batch.pop("jpeg"), batch.pop("path")
         decoded = decode_jpegs(jpegs, paths, self.device, self.min_side, self.data.skip_bad_images)
         keep = [i for i, im in enumerate(decoded) if im is not None]

@@ -60,8 +60,8 @@ bench() {  # name, timeout, overrides...
   local name=$1 seconds=$2; shift 2
   rm -f /tmp/bench/bench.json
   timeout "$seconds" python3 scripts/bench.py bench.work_dir=/tmp/bench "$@" 2>&1 \
-    | grep -v "it/s\]" > "$out/bench_$name.log"
-  echo "== bench $name: exit ${PIPESTATUS[0]}"; grep -A40 "benchmark (" "$out/bench_$name.log" | head -45
+    | tr '\r' '\n' | grep -v "it/s" > "$out/bench_$name.log"
+  echo "== bench $name: exit ${PIPESTATUS[0]}"; grep -A45 "benchmark (" "$out/bench_$name.log" | head -50
   cp /tmp/bench/bench.json "$out/bench_$name.json" 2>/dev/null
   cp /tmp/bench/profile_*.txt "$out/" 2>/dev/null; rm -f /tmp/bench/profile_*.txt
 }
@@ -79,7 +79,7 @@ for step in $steps; do
       start=$(date +%s)
       timeout "$((limit + 60))" make demo VENV=$venv TORCH=none ARGS="$demo train.epochs=2" > "$out/demo.log" 2>&1
       echo "== make demo (B5 settings): exit $? in $(( $(date +%s) - start )) s"
-      grep -E "AUC|auc|wrote|ERROR|Error" "$out/demo.log" | grep -v "it/s\]" | tail -15 ;;
+      tr '\r' '\n' < "$out/demo.log" | grep -v "it/s" | grep -E "AUC|wrote|ERROR|Error|rror:" | tail -15 ;;
     *) echo "unknown step $step" ;;
   esac
 done
