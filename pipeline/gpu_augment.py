@@ -33,14 +33,26 @@ def chance(gen: Generator, n: int, p: float) -> Tensor:
     return torch.rand(n, generator=gen) < p
 
 
+def on_device(t: Tensor, like: Tensor) -> Tensor:
+    """A parameter tensor drawn on the CPU, on `like`'s device (floats in `like`'s dtype).
+
+    On CUDA it goes through pinned memory without blocking: a copy from pageable memory would
+    wait for every kernel queued on the stream, a stall per parameter.
+    """
+    dtype = like.dtype if t.is_floating_point() else t.dtype
+    if like.is_cuda:
+        return t.to(dtype).pin_memory().to(like.device, non_blocking=True)
+    return t.to(like.device, dtype)
+
+
 def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    return torch.where(mask.to(a.device)[:, None, None, None], a, b)
+    return torch.where(on_device(mask, a)[:, None, None, None], a, b)
 
 
 def crop(x: Tensor, top: Tensor, left: Tensor, size: int) -> Tensor:
     """A size x size window of each image at its own (top, left)."""
-    rows = (top[:, None] + torch.arange(size)).to(x.device)  # (B, size)
-    cols = (left[:, None] + torch.arange(size)).to(x.device)
+    rows = on_device(top[:, None] + torch.arange(size), x)  # (B, size)
+    cols = on_device(left[:, None] + torch.arange(size), x)
     b = torch.arange(len(x), device=x.device)[:, None, None]
     return x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
@@ -99,8 +111,8 @@ def affine(x: Tensor, p: AffineParams) -> Tensor:
     theta = torch.stack([
         torch.stack([cos, -sin * r, -(cos * s[:, 0] - sin * r * s[:, 1]) * 2], 1),
         torch.stack([sin / r, cos, -(sin / r * s[:, 0] + cos * s[:, 1]) * 2], 1),
-    ], 1).to(x.device, x.dtype)
-    sel = idx.to(x.device)
+    ], 1)
+    theta, sel = on_device(theta, x), on_device(idx, x)
     part = x[sel]
     grid = F.affine_grid(theta, list(part.shape), align_corners=False)
     out = x.clone()
@@ -110,7 +122,7 @@ def affine(x: Tensor, p: AffineParams) -> Tensor:
 
 def brightness_contrast(x: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     """RandomBrightnessContrast: x * alpha + beta * 255 (alpha = 1 + contrast, beta = brightness)."""
-    a, b = alpha.to(x)[:, None, None, None], beta.to(x)[:, None, None, None]
+    a, b = on_device(alpha, x)[:, None, None, None], on_device(beta, x)[:, None, None, None]
     return (x * a + b * 255).clamp_(0, 255)
 
 
@@ -139,9 +151,9 @@ def hsv_to_rgb(hsv: Tensor) -> Tensor:
 def hue_saturation_value(x: Tensor, hue: Tensor, sat: Tensor, val: Tensor) -> Tensor:
     """HueSaturationValue in OpenCV's uint8 HSV units: hue in half-degrees, S and V out of 255."""
     hsv = rgb_to_hsv(x)
-    h = (hsv[:, 0] + 2 * hue.to(x)[:, None, None]) % 360
-    s = (hsv[:, 1] + sat.to(x)[:, None, None] / 255).clamp(0, 1)
-    v = (hsv[:, 2] + val.to(x)[:, None, None] / 255).clamp(0, 1)
+    h = (hsv[:, 0] + 2 * on_device(hue, x)[:, None, None]) % 360
+    s = (hsv[:, 1] + on_device(sat, x)[:, None, None] / 255).clamp(0, 1)
+    v = (hsv[:, 2] + on_device(val, x)[:, None, None] / 255).clamp(0, 1)
     return hsv_to_rgb(torch.stack([h, s, v], 1))
 
 
@@ -157,7 +169,7 @@ def blur(x: Tensor, kernels: Tensor) -> Tensor:
     """Separable blur with each image's own 1-D kernel, borders reflected (BORDER_REFLECT_101)."""
     n, c, h, w = x.shape
     width = kernels.shape[1]
-    k = kernels.to(x).repeat_interleave(c, 0)  # (B*C, width)
+    k = on_device(kernels, x).repeat_interleave(c, 0)  # (B*C, width)
     y = F.pad(x.reshape(1, n * c, h, w), [width // 2] * 4, mode="reflect")
     y = F.conv2d(y, k[:, None, None, :], groups=n * c)
     y = F.conv2d(y, k[:, None, :, None], groups=n * c)
@@ -168,16 +180,16 @@ def noise(x: Tensor, std: Tensor, seed: int) -> Tensor:
     """Additive Gaussian noise per pixel and channel, std a share of 255, clipped to 0..255."""
     gen = torch.Generator(x.device).manual_seed(seed)
     z = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    return (x + z * std.to(x)[:, None, None, None] * 255).clamp_(0, 255)
+    return (x + z * on_device(std, x)[:, None, None, None] * 255).clamp_(0, 255)
 
 
 def hole_mask(boxes: Tensor, on: Tensor, h: int, w: int, device: torch.device) -> Tensor:
     """(B, 1, H, W) True inside any active box; boxes (B, K, 4) as top, left, bottom, right in px."""
     ys = torch.arange(h, device=device)[None, None, :, None]
     xs = torch.arange(w, device=device)[None, None, None, :]
-    b = boxes.to(device)[..., None, None]
+    b = on_device(boxes, ys)[..., None, None]
     inside = (ys >= b[:, :, 0]) & (ys < b[:, :, 2]) & (xs >= b[:, :, 1]) & (xs < b[:, :, 3])
-    return (inside & on.to(device)[:, :, None, None]).any(1, keepdim=True)
+    return (inside & on_device(on, ys)[:, :, None, None]).any(1, keepdim=True)
 
 
 def draw_holes(gen: Generator, n: int, h: int, w: int, aug: AugConfig) -> tuple[Tensor, Tensor]:

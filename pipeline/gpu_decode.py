@@ -19,8 +19,13 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.errors import BadImageError
+from pipeline.gpu_augment import on_device
 
 log = logging.getLogger(__name__)
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they work, and this path
+# runs in a prefetch thread, where `warnings.catch_warnings` is not safe
+warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 REDUCE_FACTORS = (8, 4, 2)
 
@@ -81,10 +86,15 @@ def reduce_all(images: list[Tensor | None], min_side: int | None) -> list[Tensor
     return out
 
 
+NOT_A_FILE_ERROR = (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))
+
+
 def _decode(data: list[Tensor], device: torch.device) -> list[Tensor]:
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    if device.type == "cuda":
+        # torchvision allocates the outputs on this stream but writes them from its own, which
+        # does not wait for this one: memory freed here by kernels still queued could be reused
+        torch.cuda.current_stream(device).synchronize()
+    out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     return out if isinstance(out, list) else [out]
 
 
@@ -93,22 +103,35 @@ def decode_jpegs(data: Sequence[Tensor], paths: Sequence[str], device: torch.dev
     """Decode a batch of JPEG byte tensors (on the CPU) to (3, H, W) uint8 images on `device`.
 
     All at once (nvJPEG batches on CUDA); if that fails, one at a time to name the bad file:
-    a `BadImageError` naming it, or with `skip_bad` a None in its place and a warning.
+    a `BadImageError` naming it, or with `skip_bad` a None in its place and a warning. Out of
+    memory, a device error, or every image of a batch failing is not a bad file: raised as is.
     """
     device = torch.device(device)
     try:
         images: list[Tensor | None] = list(_decode(list(data), device))
-    except RuntimeError:
-        images = []
-        for tensor, path in zip(data, paths, strict=True):
-            try:
-                images.append(_decode([tensor], device)[0])
-            except RuntimeError as err:
-                if not skip_bad:
-                    raise BadImageError(f"{path}: cannot decode image (corrupt JPEG: {err})") from None
-                log.warning("skipping unreadable image %s", path)
-                images.append(None)
+    except NOT_A_FILE_ERROR:
+        raise
+    except RuntimeError as batch_error:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the failed call's queued work is done before a retry
+        images = [_decode_one(tensor, path, device, skip_bad) for tensor, path in zip(data, paths, strict=True)]
+        if len(images) > 1 and all(im is None for im in images):
+            raise RuntimeError(f"no image of a batch of {len(images)} decodes on {device} "
+                               f"(first: {paths[0]}): {batch_error}; data.decode=cpu decodes on the "
+                               "CPU instead") from batch_error
     return reduce_all(images, min_side)
+
+
+def _decode_one(tensor: Tensor, path: str, device: torch.device, skip_bad: bool) -> Tensor | None:
+    try:
+        return _decode([tensor], device)[0]
+    except NOT_A_FILE_ERROR:
+        raise
+    except RuntimeError as err:
+        if not skip_bad:
+            raise BadImageError(f"{path}: cannot decode image (corrupt JPEG: {err})") from None
+        log.warning("skipping unreadable image %s", path)
+        return None
 
 
 def resize_to(images: Sequence[Tensor], height: int, width: int) -> Tensor:
@@ -117,13 +140,18 @@ def resize_to(images: Sequence[Tensor], height: int, width: int) -> Tensor:
     Bilinear on pixel centres, as cv2.INTER_LINEAR (the CPU path's resize); images of one shape
     are resized together.
     """
-    out = torch.empty((len(images), 3, height, width), device=images[0].device)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, im in enumerate(images):
         groups.setdefault(tuple(im.shape[-2:]), []).append(i)
+    resized = {}
     for shape, idx in groups.items():
         stack = torch.stack([images[i] for i in idx]).float()
         if shape != (height, width):
             stack = F.interpolate(stack, size=(height, width), mode="bilinear", align_corners=False)
-        out[idx] = stack
+        resized[shape] = stack
+    if len(resized) == 1:  # the usual case: one size of JPEG
+        return next(iter(resized.values()))
+    out = torch.empty((len(images), 3, height, width), device=images[0].device)
+    for shape, idx in groups.items():
+        out[on_device(torch.tensor(idx), out)] = resized[shape]
     return out

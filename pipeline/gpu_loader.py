@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -84,68 +86,90 @@ class DeviceTransform:
         return batch
 
 
-class _Prefetcher:
-    """Runs the transform one or more batches ahead in a thread, on a side CUDA stream."""
+_END = object()
 
-    _END = object()
+
+def _put(out: queue.Queue, stop: threading.Event, item) -> bool:
+    """Queue `item` unless told to stop first."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _prefetch(batches: Iterator[dict], transform: DeviceTransform, out: queue.Queue,
+              stop: threading.Event, stream: torch.cuda.Stream | None) -> None:
+    """The prefetch thread: transform each batch on `stream`, queue it with its ready event.
+    It holds no reference to the consumer, so a consumer dropped early is collected and stops it."""
+    try:
+        if stream is not None:
+            torch.cuda.set_device(transform.device)
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for batch in batches:
+                if stop.is_set():
+                    return
+                batch = transform(batch)
+                ready = None
+                if stream is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                if not _put(out, stop, (batch, ready)):
+                    return
+    except BaseException as err:  # handed to the consumer, raised there
+        _put(out, stop, err)
+        return
+    _put(out, stop, _END)
+
+
+class _Prefetcher:
+    """Batches transformed one or more ahead in a thread on a side CUDA stream; the consumer's
+    stream waits for each batch's event, and the batch's memory is marked as used there.
+    (On the CPU the same thread without streams: how the tests check it.)"""
 
     def __init__(self, batches: Iterator[dict], transform: DeviceTransform, depth: int):
-        self.batches, self.transform = batches, transform
+        self.device = transform.device
         self.queue: queue.Queue = queue.Queue(depth)
         self.stop = threading.Event()
-        self.stream = torch.cuda.Stream(transform.device)
-        self.thread = threading.Thread(target=self._run, daemon=True, name="gpu-decode")
+        self.done = False
+        self.thread = threading.Thread(
+            target=_prefetch, daemon=True, name="gpu-decode",
+            args=(batches, transform, self.queue, self.stop,
+                  torch.cuda.Stream(self.device) if self.device.type == "cuda" else None))
         self.thread.start()
-
-    def _put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        torch.cuda.set_device(self.transform.device)
-        try:
-            with torch.cuda.stream(self.stream):
-                for batch in self.batches:
-                    out = self.transform(batch)
-                    ready = torch.cuda.Event()
-                    ready.record(self.stream)
-                    if self.stop.is_set() or not self._put((out, ready)):
-                        return
-        except BaseException as err:  # handed to the consumer, raised there
-            self._put(err)
-            return
-        self._put(self._END)
+        weakref.finalize(self, self.stop.set)
 
     def __iter__(self) -> _Prefetcher:
         return self
 
+    def _get(self):
+        while True:
+            try:
+                return self.queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    raise RuntimeError("the GPU decode thread ended without a batch or an error") from None
+
     def __next__(self) -> dict:
-        item = self.queue.get()
-        if item is self._END:
+        if self.done:
             raise StopIteration
-        if isinstance(item, BaseException):
+        item = self._get()
+        if item is _END or isinstance(item, BaseException):
+            self.done = True
+            if item is _END:
+                raise StopIteration
             raise item
         batch, ready = item
-        stream = torch.cuda.current_stream(self.transform.device)
+        if ready is None:
+            return batch
+        stream = torch.cuda.current_stream(self.device)
         stream.wait_event(ready)
         for value in batch.values():  # made on the side stream, used on this one
             if torch.is_tensor(value) and value.is_cuda:
                 value.record_stream(stream)
         return batch
-
-    def close(self) -> None:
-        self.stop.set()
-        while self.thread.is_alive():
-            try:
-                self.queue.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        self.thread.join()
 
 
 class DeviceLoader(DataLoader):
@@ -156,14 +180,21 @@ class DeviceLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.device_transform = device_transform
         self.prefetch = prefetch
-        self._running: _Prefetcher | None = None
+        self._thread: tuple[threading.Event, threading.Thread] | None = None
+
+    def close(self) -> None:
+        """Stop the prefetch thread of a pass left early (a batch limit, a `break`)."""
+        if self._thread is not None:
+            stop, thread = self._thread
+            stop.set()
+            thread.join()
+            self._thread = None
 
     def __iter__(self) -> Iterator[dict]:
-        if self._running is not None:  # a pass left early (a batch limit): stop its thread first
-            self._running.close()
-            self._running = None
+        self.close()  # the workers' iterator is reused (persistent workers): one reader at a time
         batches = super().__iter__()
         if self.device_transform.device.type != "cuda":
             return map(self.device_transform, batches)
-        self._running = _Prefetcher(batches, self.device_transform, self.prefetch)
-        return self._running
+        running = _Prefetcher(batches, self.device_transform, self.prefetch)
+        self._thread = (running.stop, running.thread)
+        return running

@@ -439,3 +439,55 @@ def test_short_training_run_with_gpu_decode(tmp_path, monkeypatch):
     oof = train_fold(cfg, 0, folds)
     assert len(oof) == (folds["fold"] == 0).sum() and np.isfinite(oof["pred"]).all()
     assert True in calls and False in calls  # training and validation batches both went through it
+
+
+# ---------------------------------------------------------------- 8. the prefetch thread
+
+class Doubling:
+    """A stand-in transform: doubles `x`; raises on the batch numbered `fail_at`."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, fail_at: int | None = None):
+        self.fail_at, self.seen = fail_at, 0
+
+    def __call__(self, batch):
+        self.seen += 1
+        if batch["n"] == self.fail_at:
+            raise BadImageError(f"batch {batch['n']}: broken")
+        return {"n": batch["n"], "x": batch["x"] * 2}
+
+
+def numbered(n: int):
+    return ({"n": i, "x": torch.full((2,), float(i))} for i in range(n))
+
+
+def test_prefetch_thread_gives_every_batch_in_order_then_stops():
+    from pipeline.gpu_loader import _Prefetcher
+    out = list(_Prefetcher(numbered(7), Doubling(), depth=2))
+    assert [b["n"] for b in out] == list(range(7))
+    assert all((b["x"] == 2 * b["n"]).all() for b in out)
+
+
+def test_prefetch_thread_error_reaches_the_consumer_once():
+    from pipeline.gpu_loader import _Prefetcher
+    it = _Prefetcher(numbered(7), Doubling(fail_at=3), depth=2)
+    assert [next(it)["n"] for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(BadImageError, match="batch 3: broken"):
+        next(it)
+    with pytest.raises(StopIteration):  # finished: no hang on a later call
+        next(it)
+
+
+def test_prefetch_thread_of_a_pass_left_early_stops_when_dropped():
+    import gc
+
+    from pipeline.gpu_loader import _Prefetcher
+    transform = Doubling()
+    it = _Prefetcher(numbered(1000), transform, depth=2)
+    next(it)
+    thread = it.thread
+    del it
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and transform.seen < 10  # it stopped, not ran to the end
