@@ -237,6 +237,6 @@ def augment(x: Tensor, aug: AugConfig, gen: Generator) -> Tensor:
 
 
 def to_uint8_hwc(x: Tensor) -> Tensor:
-    """Float (B, C, H, W) 0..255 -> uint8 (B, H, W, C), the loader's batch layout (a view of a
-    channels-first tensor: the model's permute back to (B, C, H, W) costs nothing)."""
-    return x.round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    """Float (B, C, H, W) 0..255 -> contiguous uint8 (B, H, W, C): the CPU loader's batch, whose
+    permute back to (B, C, H, W) in the model is already channels-last (no copy per view)."""
+    return x.round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -71,12 +71,12 @@ bench() {  # name, timeout, overrides...
 for step in $steps; do
   case $step in
     tests)
-      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_gpu.py \
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_gpu.py \
         > "$out/gpu_tests.log" 2>&1
       echo "== gpu tests: exit $?"; tail -5 "$out/gpu_tests.log" ;;
-    b0) bench b0_fp16 "$limit" $b0 train.precision=$p16 bench.repeats=2 bench.profile=true ;;
-    b0bf16) bench b0_bf16 "$limit" $b0 train.precision=$pbf bench.repeats=1 ;;
-    b5) bench b5_fp16 "$limit" $b5 train.precision=$p16 bench.repeats=1 ;;
+    b0) bench b0_fp16 "$((limit + 40))" $b0 train.precision=$p16 bench.repeats=2 bench.profile=true ;;
+    b0bf16) bench b0_bf16 "$((limit - 60))" $b0 train.precision=$pbf bench.repeats=1 ;;
+    b5) bench b5_fp16 "$((limit - 40))" $b5 train.precision=$p16 bench.repeats=1 ;;
     demo)
       start=$(date +%s)
       timeout "$((limit + 60))" make demo VENV=$venv TORCH=none ARGS="$demo train.precision=$p16 train.epochs=2" > "$out/demo.log" 2>&1
