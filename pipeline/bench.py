@@ -199,10 +199,9 @@ def cv2_rate(paths: np.ndarray) -> float:
 
 
 def data_path(cfg: Config, paths: np.ndarray, device: torch.device, decode: str) -> dict:
-    """The data path alone (no model): training batches/s through the loader, its busy cores and
-    (GPU path) the device memory it takes."""
-    b = cfg.bench
-    return data_path_memory(bench_loader(cfg, paths, device, decode, train=True), device, b.train_steps)
+    """The data path alone (no model) over one epoch of training batches: images/s through the
+    loader, its busy cores and (GPU path) the device memory it takes and whether that grows."""
+    return data_path_memory(bench_loader(cfg, paths, device, decode, train=True), device)
 
 
 def forward_rates(cfg: Config, model: MelanomaModel, device: torch.device) -> dict:

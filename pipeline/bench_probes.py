@@ -70,10 +70,10 @@ class WaitTimer:
             yield batch
 
 
-def data_path_memory(batches: Iterable[dict], device: torch.device, steps: int) -> dict:
-    """Images/s of the data path alone over `steps` batches, and on CUDA the memory it holds:
-    the peak above what was allocated before, and the growth from the second batch to the last
-    (a leak would grow with every batch)."""
+def data_path_memory(batches: Iterable[dict], device: torch.device, steps: int | None = None) -> dict:
+    """Images/s of the data path alone over `steps` batches (None: the whole epoch), and on CUDA
+    the memory it holds: the peak above what was allocated before, and the growth from the
+    second batch to the last (a leak would grow with every batch)."""
     out: dict = {}
     cuda = device.type == "cuda"
     if cuda:
@@ -90,7 +90,7 @@ def data_path_memory(batches: Iterable[dict], device: torch.device, steps: int) 
                 start, count = time.perf_counter(), 0
             if i == 1 and cuda:
                 after_first = torch.cuda.memory_allocated(device)
-            if i == steps - 1:
+            if steps is not None and i == steps - 1:
                 break
             del batch
         sync(device)

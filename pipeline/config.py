@@ -89,8 +89,9 @@ class DataConfig:
     check_images: bool = True
     skip_bad_images: bool = False
     # where JPEGs are decoded and augmented: cpu (loader workers, OpenCV + albumentations) | gpu
-    # (workers read bytes; nvJPEG and batched tensor ops on the device) | auto (gpu on CUDA)
-    decode: str = "auto"
+    # (workers read bytes; nvJPEG and batched tensor ops on the device) | auto (gpu on CUDA).
+    # cpu until the GPU path has been measured on a GPU (scripts/device_bench.sh; docs/benchmarks.md)
+    decode: str = "cpu"
     reduced_decode: bool = True  # decode big JPEGs at 1/2, 1/4, 1/8 scale when still >= image_size
     image_size: int = 256
     crop_size: int = 224

@@ -79,7 +79,7 @@ for step in $steps; do
     b5) bench b5_fp16 "$((limit - 40))" $b5 train.precision=$p16 bench.repeats=1 ;;
     demo)
       start=$(date +%s)
-      timeout "$((limit + 60))" make demo VENV=$venv TORCH=none ARGS="$demo train.precision=$p16 train.epochs=2" > "$out/demo.log" 2>&1
+      timeout "$((limit + 60))" make demo VENV=$venv TORCH=none ARGS="$demo data.decode=auto train.precision=$p16 train.epochs=2" > "$out/demo.log" 2>&1
       echo "== make demo (B5 settings): exit $? in $(( $(date +%s) - start )) s"
       tr '\r' '\n' < "$out/demo.log" | grep -v "it/s" | grep -E "AUC|wrote|ERROR|Error|rror:" | tail -15 ;;
     *) echo "unknown step $step" ;;

@@ -491,3 +491,42 @@ def test_prefetch_thread_of_a_pass_left_early_stops_when_dropped():
     gc.collect()
     thread.join(timeout=5)
     assert not thread.is_alive() and transform.seen < 10  # it stopped, not ran to the end
+
+
+# ---------------------------------------------------------------- 9. loaders on the GPU path
+
+def test_random_tta_passes_on_the_gpu_path_repeat_with_loader_workers(tmp_path):
+    """The augmentations are drawn in the process that owns the device, in batch order: a seeded
+    random pass repeats whatever the worker count (the CPU path needs one process for that)."""
+    folds, _ = make_tiny_set(tmp_path, n_patients=6, size=48)
+    data = DataConfig(decode="gpu", image_size=48, crop_size=40, num_workers=2)
+
+    def images(seed: int, workers: int) -> torch.Tensor:
+        loader = frame_loader(folds, data, "cpu", 8, AugConfig(), seed=seed, num_workers=workers)
+        return torch.cat([b["image"] for b in loader])
+
+    first = images(5, 2)
+    assert torch.equal(first, images(5, 2)) and torch.equal(first, images(5, 0))
+    assert not torch.equal(first, images(6, 2))
+
+
+def test_lightning_rebuilds_a_gpu_path_loader_with_a_distributed_sampler(tmp_path):
+    """DDP: Lightning re-creates a loader with its DistributedSampler; the device transform must
+    survive, whether the loader was made in a data hook or passed to fit directly."""
+    from lightning_fabric.utilities.data import _replace_dunder_methods
+    from pytorch_lightning.utilities.data import _update_dataloader
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from pipeline.gpu_loader import DeviceLoader
+    folds, _ = make_tiny_set(tmp_path, n_patients=4, size=48)
+    data = DataConfig(decode="gpu", image_size=48, crop_size=40, num_workers=0)
+    with _replace_dunder_methods(DataLoader, "dataset"):
+        in_hook = frame_loader(folds, data, "cpu", 4)
+    direct = frame_loader(folds, data, "cpu", 4)
+    for loader in (in_hook, direct):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=1, shuffle=False)
+        rebuilt = _update_dataloader(loader, sampler)
+        assert isinstance(rebuilt, DeviceLoader) and rebuilt.device_transform is loader.device_transform
+        rows = torch.cat([b["index"] for b in rebuilt])
+        assert sorted(rows.tolist()) == list(range(1, len(folds), 2))  # rank 1's half
+        assert all(b["image"].shape[1:] == (40, 40, 3) for b in rebuilt)
