@@ -307,9 +307,13 @@ class FoldDataModule(pl.LightningDataModule):
         return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
 
     def train_dataloader(self) -> DataLoader:
-        d = self.cfg.data  # CPU path: loader workers reseed their augmentations (seed_worker)
+        d = self.cfg.data
+        # CPU path: loader workers reseed their augmentations (seed_worker, rank-aware); GPU path:
+        # the rank joins the seed, so DDP ranks do not draw the same parameters image for image
+        rank = self.trainer.global_rank if self.trainer else 0
         return frame_loader(self.split.train, d, self.device(), d.batch_size, self.cfg.train.aug,
-                            self.seed, self.cfg.model, "training rows", True, shuffle=True)
+                            self.seed + 1_000_003 * rank, self.cfg.model, "training rows", True,
+                            shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         d = self.cfg.data
