@@ -88,3 +88,31 @@ def test_training_on_the_gpu_data_path_finishes_with_finite_oof(tmp_path):
                                          "train.precision=bf16-mixed"])
     oof = train_fold(cfg, 0, folds)
     assert oof["pred"].notna().all() and np.isfinite(oof["pred"]).all()
+
+
+def test_augment_ops_on_cuda_match_the_same_ops_on_the_cpu():
+    from dataclasses import replace
+
+    from pipeline.config import AugConfig
+    from pipeline.gpu_augment import augment, random_crop, to_uint8_hwc
+    aug = replace(AugConfig(), blur_noise=0.0)  # the noise comes from each device's own generator
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 72, 72, generator=gen) * 255
+    out = {}
+    for device in ("cpu", "cuda"):
+        g = torch.Generator().manual_seed(7)
+        out[device] = to_uint8_hwc(augment(random_crop(x.to(device), 64, g), aug, g)).cpu()
+    assert (out["cpu"].float() - out["cuda"].float()).abs().mean() < 0.5
+
+
+def test_gpu_path_eval_batches_on_cuda_match_the_cpu_run_of_the_same_path():
+    import pandas as pd
+
+    from pipeline.config import DataConfig
+    from pipeline.data import frame_loader
+    frame = pd.DataFrame({"image_path": real_jpegs(), "target": 0.0})
+    data = DataConfig(decode="gpu", image_size=224, crop_size=224, num_workers=2)
+    batches = {d: torch.cat([b["image"].cpu() for b in frame_loader(frame, data, d, 16)]) for d in ("cpu", "cuda")}
+    assert batches["cpu"].shape == batches["cuda"].shape == (len(frame), 224, 224, 3)
+    per_image = (batches["cpu"].float() - batches["cuda"].float()).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() <= 2
