@@ -6,8 +6,9 @@
 # Usage: scripts/device_bench.sh [OUTPUT_DIR] [STEPS...]
 #   STEPS: any of tests b0 b0bf16 b5 demo (default: all, in that order)
 #   SCALE=tiny: CPU-sized figures, to rehearse the whole script on a machine without a GPU.
-# Wheels in .whl/ are installed first for a machine without albumentations/omegaconf (and
-# matplotlib/tensorboard where missing); `make` then runs on the machine's python3 (VENV trick).
+# Wheels in .whl/ (made by scripts/gpu_wheels.sh; carry it) are installed first on a machine
+# without albumentations/omegaconf (and matplotlib/tensorboard where missing); `make` then runs
+# on the machine's python3 (VENV trick).
 set -uo pipefail
 out=${1:-runs/device}
 shift || true
