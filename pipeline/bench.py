@@ -44,7 +44,7 @@ from pipeline.data import frame_loader
 from pipeline.ensemble import blend_by_model
 from pipeline.errors import UserError
 from pipeline.folds import make_folds
-from pipeline.gpu_loader import resolve_decode
+from pipeline.gpu_loader import DeviceLoader, resolve_decode
 from pipeline.model import MelanomaModel
 from pipeline.predict import amp_dtype, default_device, predict_logits
 from pipeline.provenance import git_commit
@@ -88,6 +88,13 @@ def bench_loader(cfg: Config, paths: np.ndarray, device: torch.device, decode: s
                         cfg.train.aug if train else None, seed=0, shuffle=train)
 
 
+def stop_prefetch(loader) -> None:
+    """End a GPU-path loader's prefetch thread after a pass left early, so the next figure does
+    not share the device with it."""
+    if isinstance(loader, DeviceLoader):
+        loader.close()
+
+
 class StepTimer(Callback):
     """Times training batches `warmup` .. `steps - 1` inside the Lightning loop."""
 
@@ -108,7 +115,7 @@ class StepTimer(Callback):
 
 def lightning_rate(cfg: Config, paths: np.ndarray, device: torch.device, decode: str) -> dict:
     """Images/s of the fold trainer (checkpointing, loggers, progress bar and all), and the
-    cores busy meanwhile (from the first batch to the end of the timed steps)."""
+    machine's cores busy over the whole fit (set-up and the loader workers' start included)."""
     b = cfg.bench
     run = replace(cfg, train=replace(cfg.train, epochs=1, limit_train_batches=b.train_steps,
                                      limit_val_batches=0))
@@ -154,7 +161,8 @@ def plain_rate(cfg: Config, paths: np.ndarray, device: torch.device, decode: str
     share of the timed steps the loop sat waiting for the next batch."""
     b = cfg.bench
     loop = PlainLoop(cfg, device, b.train_steps)
-    batches = WaitTimer(bench_loader(cfg, paths, device, decode, train=True))
+    loader = bench_loader(cfg, paths, device, decode, train=True)
+    batches = WaitTimer(loader)
     start, waited = 0.0, 0.0
     for i, batch in enumerate(batches):
         if i == b.warmup_steps:
@@ -165,6 +173,7 @@ def plain_rate(cfg: Config, paths: np.ndarray, device: torch.device, decode: str
             break
     sync(device)
     seconds = time.perf_counter() - start
+    stop_prefetch(loader)
     return {"img_s": (b.train_steps - b.warmup_steps) * b.batch_size / seconds,
             "loader_wait_share": (batches.waited - waited) / seconds}
 
@@ -261,6 +270,7 @@ def profiles(cfg: Config, paths: np.ndarray, device: torch.device, decode: str,
             loop.step(batch)
             if i == b.train_steps - 1:
                 break
+        stop_prefetch(loader)
 
     out["train"] = profile_table(steps, device, folder / f"profile_train_{decode}.txt")
     return out

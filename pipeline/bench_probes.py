@@ -55,7 +55,7 @@ class WaitTimer:
     """Iterates `batches`, adding up the seconds spent blocked on the next batch (`waited`)."""
 
     def __init__(self, batches: Iterable):
-        self.batches, self.waited, self.count = batches, 0.0, 0
+        self.batches, self.waited = batches, 0.0
 
     def __iter__(self) -> Iterator:
         it = iter(self.batches)
@@ -66,14 +66,13 @@ class WaitTimer:
             except StopIteration:
                 return
             self.waited += time.perf_counter() - start
-            self.count += 1
             yield batch
 
 
-def data_path_memory(batches: Iterable[dict], device: torch.device, steps: int | None = None) -> dict:
-    """Images/s of the data path alone over `steps` batches (None: the whole epoch), and on CUDA
-    the memory it holds: the peak above what was allocated before, and the growth from the
-    second batch to the last (a leak would grow with every batch)."""
+def data_path_memory(batches: Iterable[dict], device: torch.device) -> dict:
+    """Images/s of the data path alone over one pass of `batches`, and on CUDA the memory it
+    holds: the peak above what was allocated before, and the growth from the second batch to the
+    last (a leak would grow with every batch)."""
     out: dict = {}
     cuda = device.type == "cuda"
     if cuda:
@@ -90,8 +89,6 @@ def data_path_memory(batches: Iterable[dict], device: torch.device, steps: int |
                 start, count = time.perf_counter(), 0
             if i == 1 and cuda:
                 after_first = torch.cuda.memory_allocated(device)
-            if steps is not None and i == steps - 1:
-                break
             del batch
         sync(device)
     out["img_s"] = count / max(time.perf_counter() - start, 1e-9)

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from pipeline.config import AugConfig, Config, DataConfig, ModelConfig
 from pipeline.diagnosis import diagnosis_labels
 from pipeline.errors import BadImageError, UserError
-from pipeline.gpu_decode import read_image_bytes, read_jpeg_bytes
 from pipeline.gpu_loader import DeviceLoader, DeviceTransform, resolve_decode
+from pipeline.image_bytes import read_image_bytes, read_jpeg_bytes
 from pipeline.merge import COMPETITION_SOURCE
 from pipeline.metadata import encode_metadata
 
@@ -307,15 +307,15 @@ class FoldDataModule(pl.LightningDataModule):
         return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
 
     def train_dataloader(self) -> DataLoader:
-        d = self.cfg.data
+        d, device = self.cfg.data, self.device()
         # CPU path: loader workers reseed their augmentations (seed_worker, rank-aware); GPU path:
-        # the rank joins the seed, so DDP ranks do not draw the same parameters image for image
+        # the main process draws them, so the rank joins the seed (DDP ranks draw their own)
         rank = self.trainer.global_rank if self.trainer else 0
-        return frame_loader(self.split.train, d, self.device(), d.batch_size, self.cfg.train.aug,
-                            self.seed + 1_000_003 * rank, self.cfg.model, "training rows", True,
-                            shuffle=True)
+        seed = self.seed + (1_000_003 * rank if resolve_decode(d.decode, device) == "gpu" else 0)
+        return frame_loader(self.split.train, d, device, d.batch_size, aug=self.cfg.train.aug, seed=seed,
+                            model=self.cfg.model, where="training rows", with_labels=True, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        return frame_loader(self.split.valid, d, self.device(), d.batch_size, None, 0, self.cfg.model,
-                            "validation rows", True)
+        return frame_loader(self.split.valid, d, self.device(), d.batch_size, model=self.cfg.model,
+                            where="validation rows", with_labels=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Generator, Tensor
 
 from pipeline.config import AugConfig
+from pipeline.errors import UserError
 
 BLUR_SIGMA = (0.5, 3.0)  # albumentations GaussianBlur's default sigma_limit
 NOISE_STD = (0.02, 0.08)  # GaussNoise(std_range): a share of 255
@@ -84,33 +85,40 @@ class AffineParams:
 
     on: Tensor
     shift: Tensor  # (B, 2): x, y
-    scale: Tensor
+    scale: Tensor  # (B,) one for both axes, or (B, 2): x, y
     angle: Tensor
 
 
 def draw_affine(gen: Generator, n: int, aug: AugConfig) -> AffineParams:
+    """A.Affine's draws: x and y scaled independently (its default keep_ratio=False)."""
     return AffineParams(chance(gen, n, aug.affine), uniform(gen, 2 * n, -aug.shift, aug.shift).view(n, 2),
-                        uniform(gen, n, 1 - aug.scale, 1 + aug.scale),
+                        uniform(gen, 2 * n, 1 - aug.scale, 1 + aug.scale).view(n, 2),
                         uniform(gen, n, -aug.rotate, aug.rotate))
 
 
 def affine(x: Tensor, p: AffineParams) -> Tensor:
     """Shift, scale and rotate about the centre in one `grid_sample`, borders reflected.
 
-    Output pixel q samples the input at A^-1 (q - c - t) + c: rotation by `angle` (counter-
-    clockwise on screen, like OpenCV's), scaling by `scale`, translation t = shift x side.
+    Output pixel q samples the input at A^-1 (q - c - t) + c with A = R S (scale, then rotate,
+    as albumentations composes them): rotation by `angle` (counter-clockwise on screen, like
+    OpenCV's), scaling by `scale`, translation t = shift x side. grid_sample's reflection mirrors
+    about the outer pixel edge (BORDER_REFLECT), the CPU path's BORDER_REFLECT_101 about the
+    edge pixel: reflected borders differ by one pixel.
     """
     idx = p.on.nonzero()[:, 0]
     if len(idx) == 0:
         return x
     rad = torch.deg2rad(p.angle[idx])
-    cos, sin, s = torch.cos(rad) / p.scale[idx], torch.sin(rad) / p.scale[idx], p.shift[idx]
+    scale = p.scale[idx] if p.scale.ndim == 2 else p.scale[idx, None].expand(-1, 2)
+    cos, sin, s = torch.cos(rad), torch.sin(rad), p.shift[idx]
+    cx, sx = cos / scale[:, 0], sin / scale[:, 0]  # row x of S^-1 R^-1
+    cy, sy = cos / scale[:, 1], sin / scale[:, 1]  # row y
     # grid coordinates are in [-1, 1] on each axis: a shift of f x side is 2f there; y grows
     # downwards; the rotation's cross terms carry the aspect ratio (a rotation in pixels)
     r = x.shape[-2] / x.shape[-1]
     theta = torch.stack([
-        torch.stack([cos, -sin * r, -(cos * s[:, 0] - sin * r * s[:, 1]) * 2], 1),
-        torch.stack([sin / r, cos, -(sin / r * s[:, 0] + cos * s[:, 1]) * 2], 1),
+        torch.stack([cx, -sx * r, -(cx * s[:, 0] - sx * r * s[:, 1]) * 2], 1),
+        torch.stack([sy / r, cy, -(sy / r * s[:, 0] + cy * s[:, 1]) * 2], 1),
     ], 1)
     theta, sel = on_device(theta, x), on_device(idx, x)
     part = x[sel]
@@ -194,7 +202,9 @@ def hole_mask(boxes: Tensor, on: Tensor, h: int, w: int, device: torch.device) -
 
 def draw_holes(gen: Generator, n: int, h: int, w: int, aug: AugConfig) -> tuple[Tensor, Tensor]:
     """CoarseDropout: on p = aug.dropout images, 1..dropout_holes boxes of 5-15% of each side."""
-    k = max(1, aug.dropout_holes)
+    k = aug.dropout_holes
+    if k < 1:
+        raise UserError(f"train.aug.dropout_holes must be at least 1, got {k} (no holes: train.aug.dropout=0)")
     count = torch.randint(1, k + 1, (n,), generator=gen)
     on = (torch.arange(k)[None] < count[:, None]) & chance(gen, n, aug.dropout)[:, None]
     hh = (uniform(gen, n * k, *HOLE) * h).long().clamp_min(1).view(n, k)

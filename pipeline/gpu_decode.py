@@ -1,7 +1,7 @@
 """JPEG bytes to same-size uint8 image batches on a device: nvJPEG on CUDA, libjpeg on the CPU.
 
-The GPU data path's first half. Loader workers only read file bytes (`read_jpeg_bytes`); the
-process that owns the device decodes a whole batch at once (`decode_jpegs`), shrinks big images
+The GPU data path's first half. Loader workers only read file bytes (`image_bytes`); the process
+that owns the device decodes a whole batch at once (`decode_jpegs`), shrinks big images
 by whole factors with an area average (what the CPU path's reduced-scale libjpeg decode does),
 and resizes them to one size (`resize_to`).
 """
@@ -12,7 +12,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
+import cv2
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,27 +28,6 @@ warnings.filterwarnings("ignore", message=".*image decoding and encoding capabil
                         category=DeprecationWarning)
 
 REDUCE_FACTORS = (8, 4, 2)
-
-
-def read_image_bytes(path: str) -> np.ndarray:
-    """A file's bytes as uint8, naming the file when it is missing or a truncated JPEG."""
-    try:
-        data = np.fromfile(path, np.uint8)
-    except OSError:
-        raise BadImageError(f"{path}: cannot read image (missing or unreadable)") from None
-    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-32:].tobytes():
-        # decoders pad a truncated JPEG with grey and return it without an error
-        raise BadImageError(f"{path}: truncated JPEG (no end-of-image marker): a partial copy?")
-    return data
-
-
-def read_jpeg_bytes(path: str) -> np.ndarray:
-    """`read_image_bytes` for the GPU path, which decodes JPEG only."""
-    data = read_image_bytes(path)
-    if data[:2].tobytes() != b"\xff\xd8":
-        raise BadImageError(f"{path}: not a JPEG (data.decode=gpu decodes JPEG only; "
-                            "use data.decode=cpu for other formats)")
-    return data
 
 
 def reduce_factor(height: int, width: int, min_side: int | None) -> int:
@@ -102,36 +81,41 @@ def decode_jpegs(data: Sequence[Tensor], paths: Sequence[str], device: torch.dev
                  min_side: int | None = None, skip_bad: bool = False) -> list[Tensor | None]:
     """Decode a batch of JPEG byte tensors (on the CPU) to (3, H, W) uint8 images on `device`.
 
-    All at once (nvJPEG batches on CUDA); if that fails, one at a time to name the bad file:
-    a `BadImageError` naming it, or with `skip_bad` a None in its place and a warning. Out of
-    memory, a device error, or every image of a batch failing is not a bad file: raised as is.
+    All at once (nvJPEG batches on CUDA); if that fails, one at a time to find the bad file:
+    a `BadImageError` naming it, or with `skip_bad` a None in its place and a warning. EXIF
+    orientation is not applied (nor by the CPU path's reduced-scale decode). Out of
+    memory or a device error is not a bad file: raised as is.
     """
     device = torch.device(device)
     try:
         images: list[Tensor | None] = list(_decode(list(data), device))
     except NOT_A_FILE_ERROR:
         raise
-    except RuntimeError as batch_error:
+    except RuntimeError:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the failed call's queued work is done before a retry
         images = [_decode_one(tensor, path, device, skip_bad) for tensor, path in zip(data, paths, strict=True)]
-        if len(images) > 1 and all(im is None for im in images):
-            raise RuntimeError(f"no image of a batch of {len(images)} decodes on {device} "
-                               f"(first: {paths[0]}): {batch_error}; data.decode=cpu decodes on the "
-                               "CPU instead") from batch_error
     return reduce_all(images, min_side)
 
 
 def _decode_one(tensor: Tensor, path: str, device: torch.device, skip_bad: bool) -> Tensor | None:
+    """One image on `device`. One that nvJPEG or libjpeg-turbo's strict mode refuses (a JPEG
+    flavour it lacks, or damage OpenCV tolerates) is decoded by OpenCV, as on the CPU path, so
+    both paths accept the same files; one that OpenCV cannot decode either is a bad file."""
     try:
         return _decode([tensor], device)[0]
     except NOT_A_FILE_ERROR:
         raise
     except RuntimeError as err:
-        if not skip_bad:
-            raise BadImageError(f"{path}: cannot decode image (corrupt JPEG: {err})") from None
-        log.warning("skipping unreadable image %s", path)
-        return None
+        error = err
+    image = cv2.imdecode(tensor.numpy(), cv2.IMREAD_COLOR)
+    if image is not None:
+        log.warning("%s: decoded by OpenCV on the CPU (%s could not: %s)", path, device, error)
+        return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).permute(2, 0, 1).to(device)
+    if not skip_bad:
+        raise BadImageError(f"{path}: cannot decode image (corrupt JPEG: {error})") from None
+    log.warning("skipping unreadable image %s", path)
+    return None
 
 
 def resize_to(images: Sequence[Tensor], height: int, width: int) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,22 +113,23 @@ def predict_all(cfg: Config, trained: Config, models: list[FoldModel], frame: pd
     passes = tta_passes(cfg)
     views = [v for v, seed in passes if seed is None]
     out = np.full((len(models), len(passes), len(frame)), np.nan, np.float32)
-    batch, workers = cfg.infer.batch_size, cfg.data.num_workers  # image settings: trained
+    batch = cfg.infer.batch_size
+    # image geometry from the trained config; where and how fast to decode from this run's
+    data = replace(trained.data, decode=cfg.data.decode, num_workers=cfg.data.num_workers)
     nets = [m.model for m in models]
     device = default_device()
     if views:
-        loader = frame_loader(frame, trained.data, device, batch, model=trained.model, where=desc,
-                              num_workers=workers)
+        loader = frame_loader(frame, data, device, batch, model=trained.model, where=desc)
         index, logits = predict_logits(nets, loader, views, device, desc=desc,
                                        max_forward_batch=cfg.infer.max_forward_batch,
                                        progress=cfg.train.progress_bar)
         out[:, : len(views), index] = logits
-    gpu = resolve_decode(trained.data.decode, device) == "gpu"
+    gpu = resolve_decode(data.decode, device) == "gpu"
     for p, (_, seed) in enumerate(passes[len(views):], start=len(views)):
         # the GPU path draws augmentations in the main process: any worker count is reproducible;
         # the CPU path draws them in the workers, so one process keeps the seeded stream
-        loader = frame_loader(frame, trained.data, device, batch, trained.train.aug, seed, trained.model,
-                              desc, num_workers=workers if gpu else 0)
+        loader = frame_loader(frame, data, device, batch, aug=trained.train.aug, seed=seed,
+                              model=trained.model, where=desc, num_workers=None if gpu else 0)
         index, logits = predict_logits(nets, loader, ["identity"], device, desc=f"{desc} seed {seed}",
                                        progress=cfg.train.progress_bar)
         out[:, p, index] = logits[:, 0]

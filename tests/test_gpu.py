@@ -43,7 +43,8 @@ def real_jpegs() -> list[str]:
 
 
 def test_nvjpeg_decode_matches_the_cpu_decode_on_real_jpegs():
-    from pipeline.gpu_decode import decode_jpegs, read_jpeg_bytes
+    from pipeline.gpu_decode import decode_jpegs
+    from pipeline.image_bytes import read_jpeg_bytes
     paths = real_jpegs()
     data = [torch.from_numpy(read_jpeg_bytes(p)) for p in paths]
     for min_side in (None, 200):  # full size, and 1/2 scale for the 512-px files

@@ -16,8 +16,9 @@ from pipeline import gpu_augment as G
 from pipeline.config import AugConfig, DataConfig, load_config
 from pipeline.data import frame_loader, read_image
 from pipeline.errors import BadImageError, UserError
-from pipeline.gpu_decode import decode_jpegs, read_jpeg_bytes, reduce, reduce_factor
+from pipeline.gpu_decode import decode_jpegs, reduce, reduce_factor
 from pipeline.gpu_loader import DeviceTransform, resolve_decode
+from pipeline.image_bytes import read_jpeg_bytes
 from pipeline.train import train_fold
 from tests.conftest import REAL, make_tiny_set
 
@@ -530,3 +531,52 @@ def test_lightning_rebuilds_a_gpu_path_loader_with_a_distributed_sampler(tmp_pat
         rows = torch.cat([b["index"] for b in rebuilt])
         assert sorted(rows.tolist()) == list(range(1, len(folds), 2))  # rank 1's half
         assert all(b["image"].shape[1:] == (40, 40, 3) for b in rebuilt)
+
+
+@pytest.mark.parametrize("sx, sy, angle", [(1.15, 0.85, 30.0), (0.9, 1.1, -40.0)])
+def test_affine_scales_x_and_y_apart_like_albumentations(sx, sy, angle):
+    """A.Affine draws x and y scales independently (keep_ratio=False) and scales before it
+    rotates; swapping the axes is measurably wrong, so the test can tell."""
+    img = smooth_image(96, 96)
+    want = albu(A.Affine(scale={"x": (sx, sx), "y": (sy, sy)}, rotate=(angle, angle),
+                         border_mode=cv2.BORDER_REFLECT_101, p=1), img)
+
+    def warped(scale_x: float, scale_y: float) -> np.ndarray:
+        p = G.AffineParams(torch.tensor([True]), torch.zeros(1, 2), torch.tensor([[scale_x, scale_y]]),
+                           torch.tensor([angle]))
+        return image_of(G.affine(batch_of(img), p))
+
+    inner = (slice(16, -16), slice(16, -16))
+    assert mad(warped(sx, sy)[inner], want[inner]) < 1
+    assert mad(warped(sy, sx)[inner], want[inner]) > 2
+
+
+def test_draw_affine_gives_each_axis_its_own_scale_in_range():
+    p = G.draw_affine(torch.Generator().manual_seed(0), 256, AugConfig(scale=0.15))
+    assert p.scale.shape == (256, 2) and not torch.equal(p.scale[:, 0], p.scale[:, 1])
+    assert p.scale.min() >= 0.85 and p.scale.max() <= 1.15
+
+
+def test_zero_dropout_holes_is_refused_by_name():
+    with pytest.raises(UserError, match="train.aug.dropout_holes"):
+        G.draw_holes(torch.Generator(), 4, 32, 32, AugConfig(dropout_holes=0))
+
+
+def test_a_jpeg_only_opencv_tolerates_is_read_alike_on_both_paths(tmp_path):
+    """Damaged scan data with intact headers: libjpeg-turbo's strict decode (torchvision, and
+    nvJPEG on CUDA) refuses it, OpenCV decodes it with a warning. The GPU path falls back to
+    OpenCV for that file, so both paths accept the same files and give the same pixels."""
+    ok, data = cv2.imencode(".jpg", smooth_image(64, 64))
+    raw = bytearray(data.tobytes())
+    sos = raw.index(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(raw[sos + 2:sos + 4], "big")  # the entropy-coded data
+    raw[scan + 10:scan + 12] = b"\xff\x99"  # a marker that does not exist, mid-scan
+    path = tmp_path / "damaged.jpg"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(RuntimeError):
+        from torchvision.io import decode_jpeg
+        decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    (gpu,) = loader_images([str(path)], "gpu", image_size=64, crop_size=64)
+    (cpu,) = loader_images([str(path)], "cpu", image_size=64, crop_size=64)
+    assert gpu["n_skipped"] == cpu["n_skipped"] == 0
+    assert torch.equal(gpu["image"], cpu["image"])
