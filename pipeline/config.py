@@ -356,9 +356,10 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:10]
 
 
-# what decides the trained models; paths of the test set, workers and the later stages do not
+# what decides the trained models; paths of the test set, workers, where images are decoded
+# (both paths draw the same augmentations) and the later stages do not
 TRAINING_SECTIONS = ("data", "folds", "model", "train")
-NOT_TRAINING = {"data.num_workers", "data.check_images", "data.test_csv", "data.test_images",
+NOT_TRAINING = {"data.num_workers", "data.decode", "data.check_images", "data.test_csv", "data.test_images",
                 "data.sample_submission", "train.checkpoint_every_minutes", "train.progress_bar",
                 "train.log_every_n_steps"}
 

@@ -220,11 +220,12 @@ def test_smoke_run_with_one_step_warmup(tmp_path):
     assert len(rec.lrs) == 10 and oof["pred"].notna().all()
 
 
-def test_changed_training_settings_refused_but_workers_allowed(tiny):
+def test_changed_training_settings_refused_but_workers_and_decode_path_allowed(tiny):
     folds, overrides = tiny
     cfg = load_config(None, overrides + ["train.epochs=1"])
     train_all(cfg, [0])
     train_all(load_config(None, overrides + ["train.epochs=1", "data.num_workers=1"]), [0])
+    train_all(load_config(None, overrides + ["train.epochs=1", "data.decode=gpu"]), [0])
     with pytest.raises(UserError, match=r"train.epochs: 1 -> 3.*data.batch_size|data.batch_size: 8 -> 4; train.epochs: 1 -> 3"):
         train_all(load_config(None, overrides + ["train.epochs=3", "data.batch_size=4"]), [0])
 
