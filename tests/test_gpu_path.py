@@ -580,3 +580,27 @@ def test_a_jpeg_only_opencv_tolerates_is_read_alike_on_both_paths(tmp_path):
     (cpu,) = loader_images([str(path)], "cpu", image_size=64, crop_size=64)
     assert gpu["n_skipped"] == cpu["n_skipped"] == 0
     assert torch.equal(gpu["image"], cpu["image"])
+
+
+def test_both_paths_draw_augmentations_from_the_same_distribution():
+    """600 augmentations of one image on each path: the brightness of the images, its spread
+    (colour ops and their probability), the share of dropped-out pixels (cutout), the contrast
+    left in each image, and the mean image (geometry) agree within sampling noise."""
+    from pipeline.data import seed_transform, train_transform
+    img = smooth_image(64, 64)
+    n, aug = 600, AugConfig()
+    transform = train_transform(DataConfig(image_size=64, crop_size=64), aug)
+    seed_transform(transform, 0)
+    cpu = np.stack([transform(image=img)["image"] for _ in range(n)]).astype(float)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float().repeat(n, 1, 1, 1)
+    gpu = G.to_uint8_hwc(G.augment(x, aug, torch.Generator().manual_seed(0))).numpy().astype(float)
+
+    def stats(a: np.ndarray) -> np.ndarray:
+        return np.array([a.mean(), a.mean(axis=(1, 2, 3)).std(), (a.sum(-1) == 0).mean(),
+                         a.std(axis=(1, 2, 3)).mean()])
+
+    c, g = stats(cpu), stats(gpu)
+    assert abs(c[0] - g[0]) < 2
+    assert (np.abs(g[1:] - c[1:]) <= np.array([0.12, 0.35, 0.04]) * c[1:]).all(), (c, g)
+    noise = mad(cpu[: n // 2].mean(0), cpu[n // 2:].mean(0))  # the CPU path against itself
+    assert mad(cpu.mean(0), gpu.mean(0)) < 1.5 * noise
