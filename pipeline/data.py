@@ -261,8 +261,8 @@ def frame_loader(df: pd.DataFrame, data: DataConfig, device: torch.device | str,
     """The loader over a table's images for a model on `device`, by `data.decode`: decoded and
     augmented in the loader workers (cpu), or bytes from the workers decoded and augmented on the
     device (gpu). `aug` None: the evaluation resize; otherwise the training crop and augmentations,
-    their random stream seeded by `seed` (on the CPU path, one worker per seed stream: each loader
-    worker reseeds its copy)."""
+    their random stream seeded by `seed` (on the CPU path each loader worker then reseeds its own
+    copy from the worker seed, see `seed_worker`)."""
     workers = data.num_workers if num_workers is None else num_workers
     if resolve_decode(data.decode, device) == "gpu":
         ds = dataset_from_frame(df, data, None, model, where, with_labels, jpeg_bytes=True)
@@ -307,13 +307,10 @@ class FoldDataModule(pl.LightningDataModule):
         return self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
 
     def train_dataloader(self) -> DataLoader:
-        d, device = self.cfg.data, self.device()
-        # CPU path: loader workers reseed their augmentations (seed_worker, rank-aware); GPU path:
-        # the main process draws them, so the rank joins the seed (DDP ranks draw their own)
-        rank = self.trainer.global_rank if self.trainer else 0
-        seed = self.seed + (1_000_003 * rank if resolve_decode(d.decode, device) == "gpu" else 0)
-        return frame_loader(self.split.train, d, device, d.batch_size, aug=self.cfg.train.aug, seed=seed,
-                            model=self.cfg.model, where="training rows", with_labels=True, shuffle=True)
+        d = self.cfg.data
+        return frame_loader(self.split.train, d, self.device(), d.batch_size, aug=self.cfg.train.aug,
+                            seed=self.seed, model=self.cfg.model, where="training rows", with_labels=True,
+                            shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         d = self.cfg.data

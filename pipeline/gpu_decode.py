@@ -49,15 +49,19 @@ def reduce(image: Tensor, min_side: int | None) -> Tensor:
     return pooled if image.ndim == 4 else pooled[0]
 
 
-def reduce_all(images: list[Tensor | None], min_side: int | None) -> list[Tensor | None]:
-    """`reduce` on each image; images of one shape go through together (a few kernels a batch,
-    not a few per image)."""
+def by_shape(images: Sequence[Tensor | None]) -> dict[tuple[int, ...], list[int]]:
+    """Indices of the images, grouped by shape (None skipped): one kernel per group, not per image."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, im in enumerate(images):
         if im is not None:
             groups.setdefault(tuple(im.shape), []).append(i)
+    return groups
+
+
+def reduce_all(images: list[Tensor | None], min_side: int | None) -> list[Tensor | None]:
+    """`reduce` on each image, images of one shape together."""
     out = list(images)
-    for shape, idx in groups.items():
+    for shape, idx in by_shape(images).items():
         if reduce_factor(shape[-2], shape[-1], min_side) == 1:
             continue
         for i, im in zip(idx, reduce(torch.stack([images[i] for i in idx]), min_side).unbind(), strict=True):
@@ -118,19 +122,17 @@ def _decode_one(tensor: Tensor, path: str, device: torch.device, skip_bad: bool)
     return None
 
 
-def resize_to(images: Sequence[Tensor], height: int, width: int) -> Tensor:
+def resize_to(images: Sequence[Tensor], height: int, width: int, min_side: int | None = None) -> Tensor:
     """(3, h, w) uint8 images of any sizes -> one (B, 3, height, width) float batch in 0..255.
 
-    Bilinear on pixel centres, as cv2.INTER_LINEAR (the CPU path's resize); images of one shape
-    are resized together.
+    Per shape, in one stacked pass: `reduce` (with `min_side`), then bilinear on pixel centres,
+    as cv2.INTER_LINEAR (the CPU path's resize).
     """
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(tuple(im.shape[-2:]), []).append(i)
+    groups = by_shape(images)
     resized = {}
     for shape, idx in groups.items():
-        stack = torch.stack([images[i] for i in idx]).float()
-        if shape != (height, width):
+        stack = reduce(torch.stack([images[i] for i in idx]), min_side).float()
+        if stack.shape[-2:] != (height, width):
             stack = F.interpolate(stack, size=(height, width), mode="bilinear", align_corners=False)
         resized[shape] = stack
     if len(resized) == 1:  # the usual case: one size of JPEG

@@ -41,7 +41,8 @@ class DeviceTransform:
     `device`; rows whose image was skipped (`skip_bad`) are dropped and counted in `n_skipped`.
 
     `aug` None: the evaluation geometry (`data.eval_resize`); otherwise the training one (resize
-    to image_size, random crop) and the augmentations, drawn from a generator seeded by `seed`.
+    to image_size, random crop) and the augmentations, drawn from a generator seeded by `seed`
+    and the process's DDP rank (the CPU path's workers get the rank from Lightning's worker seed).
     """
 
     def __init__(self, data: DataConfig, device: torch.device | str, aug: AugConfig | None = None,
@@ -50,7 +51,8 @@ class DeviceTransform:
         if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())  # set_device needs one
         self.min_side = min_side
-        self.gen = torch.Generator().manual_seed(seed)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.gen = torch.Generator().manual_seed(seed + 1_000_003 * rank)
 
     def images(self, x: Tensor) -> Tensor:
         """Float (B, 3, h, w) batch resized to image_size or crop_size, then cropped, augmented."""
@@ -70,7 +72,7 @@ class DeviceTransform:
             batch["image"] = batch["image"].to(self.device)
             return batch
         jpegs, paths = batch.pop("jpeg"), batch.pop("path")
-        decoded = decode_jpegs(jpegs, paths, self.device, self.min_side, self.data.skip_bad_images)
+        decoded = decode_jpegs(jpegs, paths, self.device, skip_bad=self.data.skip_bad_images)
         keep = [i for i, im in enumerate(decoded) if im is not None]
         batch["n_skipped"] = batch.get("n_skipped", 0) + len(decoded) - len(keep)
         if len(keep) < len(decoded):
@@ -81,7 +83,7 @@ class DeviceTransform:
             batch["image"] = torch.empty(0, dtype=torch.uint8, device=self.device)
             return batch
         size = self.size()
-        x = resize_to([decoded[i] for i in keep], size, size)
+        x = resize_to([decoded[i] for i in keep], size, size, self.min_side)
         batch["image"] = to_uint8_hwc(self.images(x))
         return batch
 
